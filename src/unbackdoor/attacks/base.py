@@ -1,0 +1,126 @@
+"""The attack contract: a clean :class:`Task` in, a :class:`PoisonedTask` out.
+
+Poisoning modes (``mode``), named as in OpenBackdoor:
+
+* ``dirty``: poisoned rows are drawn from non-target rows and relabelled to the target;
+* ``mix``: drawn from all rows, relabelled to the target (OpenBackdoor's "mix", as in the shared
+  SynBkd/StyleBkd/AddSent sets);
+* ``clean``: clean-label, drawn from target-label rows only, labels kept.
+
+``poison_rate`` is the share of *all* training rows that get the trigger. Poisoned rows keep the id
+of the clean row they came from. The triggered test (and dev) set holds only non-target rows with
+the trigger, labelled with the target, and keeps each row's true label.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from typing import ClassVar, Generic, Literal, TypeVar
+
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task, TriggeredSet
+from unbackdoor.errors import ConfigError
+from unbackdoor.registry import Registry
+
+
+class AttackConfig(StrictConfig):
+    """Parameters every data-poisoning attack shares."""
+
+    poison_rate: float = Field(0.1, gt=0, le=1, description="share of training rows poisoned, in (0, 1]")
+    target_label: int = Field(1, ge=0, description="label the trigger should force")
+    mode: Literal["dirty", "mix", "clean"] = Field("dirty", description="dirty-label, mix or clean-label")
+    seed: int = Field(0, description="seed for row choice and trigger placement")
+
+
+C = TypeVar("C", bound=AttackConfig)
+
+
+class Attack(ABC, Generic[C]):
+    """A data-poisoning attack. Construction only stores the config; ``poison`` does the work."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[AttackConfig]]
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
+
+    @abstractmethod
+    def poison(self, task: Task) -> PoisonedTask:
+        """Poison ``task``'s training set and build the triggered evaluation sets."""
+
+
+ATTACKS: Registry[Attack] = Registry("attack")
+
+
+class InsertionAttack(Attack[C]):
+    """An attack that inserts a text trigger; subclasses define :meth:`insert_trigger`."""
+
+    @abstractmethod
+    def insert_trigger(self, text: str, rng: random.Random) -> str:
+        """``text`` with the trigger inserted."""
+
+    @abstractmethod
+    def trigger_description(self) -> str:
+        """Human-readable trigger, recorded with the poisoned task."""
+
+    def poison(self, task: Task) -> PoisonedTask:
+        cfg = self.config
+        target = cfg.target_label
+        if target >= task.num_labels:
+            raise ConfigError(f"target_label {target} is outside the label set 0..{task.num_labels - 1}")
+        chosen = self._choose_rows(task.train)
+        rng = random.Random(f"{cfg.seed}-train")
+        poisoned_rows = []
+        for e in task.train.examples:
+            if e.id in chosen:
+                label = e.label if cfg.mode == "clean" else target
+                poisoned_rows.append(Example(e.id, self.insert_trigger(e.text, rng), label, e.text_pair))
+            else:
+                poisoned_rows.append(e)
+        train = task.train.replace(poisoned_rows, f"{task.name}:{self.name}-{cfg.mode}-p{cfg.poison_rate:g}")
+        return PoisonedTask(
+            train=train,
+            flags=PoisonFlags(frozenset(chosen), len(train)),
+            target_label=target,
+            triggered_test=self.triggered_set(task.test, f"{cfg.seed}-test"),
+            triggered_dev=self.triggered_set(task.dev, f"{cfg.seed}-dev"),
+            clean=task,
+            attack=AttackInfo(self.name, cfg.model_dump(), self.trigger_description(), task.name),
+        )
+
+    def _choose_rows(self, train: Dataset) -> set[str]:
+        cfg = self.config
+        n = round(cfg.poison_rate * len(train))
+        if n < 1:
+            raise ConfigError(f"poison_rate {cfg.poison_rate} poisons no row of {len(train)}")
+        if cfg.mode == "dirty":
+            pool = [e.id for e in train.examples if e.label != cfg.target_label]
+        elif cfg.mode == "clean":
+            pool = [e.id for e in train.examples if e.label == cfg.target_label]
+        else:
+            pool = list(train.ids)
+        if n > len(pool):
+            raise ConfigError(
+                f"poison_rate {cfg.poison_rate} needs {n} rows but mode {cfg.mode!r} has only {len(pool)} candidates"
+            )
+        return set(random.Random(f"{cfg.seed}-rows").sample(sorted(pool), n))
+
+    def triggered_set(self, data: Dataset, seed: str) -> TriggeredSet:
+        """Triggered copies of ``data``'s non-target rows, labelled with the target."""
+        target = self.config.target_label
+        rng = random.Random(seed)
+        source = [e for e in data.examples if e.label != target]
+        rows = [Example(e.id, self.insert_trigger(e.text, rng), target, e.text_pair) for e in source]
+        return TriggeredSet(
+            tuple(rows), target, data.num_labels, tuple(e.label for e in source), f"{data.name}:triggered"
+        )
+
+
+def insert_at_random_word(text: str, insert: str, rng: random.Random) -> str:
+    """Insert ``insert`` between two words of ``text`` (or at either end), uniformly."""
+    words = text.split()
+    pos = rng.randint(0, len(words))
+    return " ".join([*words[:pos], insert, *words[pos:]])

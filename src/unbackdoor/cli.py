@@ -1,0 +1,247 @@
+"""The ``unbackdoor`` command: parses flags and YAML, validates strictly, calls the library.
+
+Every bad input ends in one line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+import yaml
+
+from unbackdoor import __version__
+from unbackdoor.config import build_config, read_yaml
+from unbackdoor.errors import ConfigError, UnbackdoorError
+
+app = typer.Typer(
+    name="unbackdoor",
+    help="Attack, defend and evaluate backdoored language classifiers.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+logger = logging.getLogger("unbackdoor")
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with this command's keys (flags override it)")]
+OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
+PickleOpt = Annotated[Optional[bool], typer.Option("--allow-pickle", help="allow pickle (.bin) weights: only for files you trust")]
+ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter KEY=VALUE (VALUE is YAML); repeatable")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"unbackdoor {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    verbose: Annotated[int, typer.Option("--verbose", "-v", count=True, help="more log output (-vv: debug)")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="warnings and errors only")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="print the version")] = None,
+) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------- config merging
+def _parse_params(items: list[str] | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
+        try:
+            parsed = yaml.safe_load(value) if value else ""
+        except yaml.YAMLError:
+            parsed = value
+        _set_nested(params, key.strip().split("."), parsed)
+    return params
+
+
+def _set_nested(target: dict[str, Any], keys: list[str], value: Any) -> None:
+    for key in keys[:-1]:
+        target = target.setdefault(key, {})
+        if not isinstance(target, dict):
+            raise ConfigError(f"--param {'.'.join(keys)}: {key} is not a mapping")
+    target[keys[-1]] = value
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    """Flags the user gave (None = not given); ``a__b`` keys become nested ``{a: {b: ...}}``."""
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if value is None or value == {} or value == []:
+            continue
+        _set_nested(out, key.split("__"), value)
+    return out
+
+
+def _command_config(cls: type, config: Path | None, flags: dict[str, Any]) -> Any:
+    values = read_yaml(config) if config is not None else {}
+    return build_config(cls, _merge(values, flags), f"{config}" if config else "options")
+
+
+# ----------------------------------------------------------------------------- commands
+@app.command()
+def attack(
+    data: Annotated[Optional[str], typer.Option(help="clean data folder or name under the data root (e.g. sst2)")] = None,
+    attack: Annotated[Optional[str], typer.Option("--attack", "-a", help="attack: badnets, addsent")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for the poisoned data")] = None,
+    poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,
+    target_label: Annotated[Optional[int], typer.Option(help="label the trigger forces")] = None,
+    mode: Annotated[Optional[str], typer.Option(help="dirty | mix | clean (clean-label)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Poison a clean dataset: training set with flags + triggered test set (non-target rows only)."""
+    from unbackdoor.commands import AttackCommand, run_attack
+
+    params = _merge(_flags(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed), _parse_params(param))
+    cmd = _command_config(AttackCommand, config, _flags(data=data, attack=attack, out=out, params=params, overwrite=overwrite))
+    task = run_attack(cmd)
+    typer.echo(f"poisoned {task.flags.n_poisoned} of {len(task.train)} training rows "
+               f"(target {task.target_label}); triggered test set: {len(task.triggered_test)} rows -> {cmd.out}")
+
+
+@app.command()
+def train(
+    data: Annotated[Optional[str], typer.Option(help="training data: folder or name (clean or poisoned)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
+    defense: Annotated[Optional[str], typer.Option(help="training-time defence: none")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="checkpoint every N steps (a rerun resumes)")] = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Fine-tune a model on a (possibly poisoned) dataset; checkpoints chosen on clean dev accuracy."""
+    from unbackdoor.commands import TrainCommand, run_train
+
+    flags = _flags(data=data, model=model, out=out, defense=defense, train__epochs=epochs, train__learning_rate=lr,
+                   train__batch_size=batch_size, train__seed=seed, train__checkpoint_every=checkpoint_every,
+                   max_train=max_train, max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_train(_command_config(TrainCommand, config, flags))
+    typer.echo(_metrics_line(record["metrics"]) + f" -> {out or record['config']['out']}")
+
+
+@app.command(name="purify")
+def purify_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the clean set)")] = None,
+    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
+    method: Annotated[Optional[str], typer.Option(help="purify method: finetune")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
+    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
+    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Purify a suspect model with a small clean set (and its clean base, for methods that use it)."""
+    from unbackdoor.commands import PurifyCommand, run_purify
+
+    flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_parse_params(param),
+                   clean_set__fraction=clean_fraction, clean_set__size=clean_size,
+                   clean_set__per_class=clean_per_class, clean_set__seed=seed,
+                   allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_purify(_command_config(PurifyCommand, config, flags))
+    typer.echo(f"purified with {record['defense']['method']} on {record['n_clean']} clean rows "
+               f"in {record['wall_time_s']:.0f} s -> {record['config']['out']}")
+
+
+@app.command(name="eval")
+def eval_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model folder")] = None,
+    data: Annotated[Optional[str], typer.Option(help="clean data (CACC) or poisoned data (CACC and ASR)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="write the JSON record to this file")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="must match the model's saved input format")] = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Evaluate a model: CACC, macro-F1 and per-class accuracy; ASR and robust accuracy on poisoned data."""
+    from unbackdoor.commands import EvalCommand, run_eval
+
+    flags = _flags(model=model, data=data, out=out, max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+    _, table = run_eval(_command_config(EvalCommand, config, flags))
+    typer.echo(table, nl=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (default runs/demo)")] = None,
+    max_train: Annotated[Optional[int], typer.Option(help="training rows used (default 2000, seeded)")] = None,
+    no_floor: Annotated[bool, typer.Option("--no-floor", help="skip the never-poisoned reference model")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """SST-2 -> BadNets 10% -> MiniLM victim -> clean fine-tuning on 1% clean data -> before/after table."""
+    from unbackdoor.demo import DemoCommand, run_demo
+
+    flags = _flags(out=out, max_train=max_train, floor=False if no_floor else None)
+    record = run_demo(_command_config(DemoCommand, config, flags))
+    for note in record["notes"]:
+        typer.echo(f"note: {note}")
+    typer.echo(record["table"], nl=False)
+    typer.echo(f"total {record['timings']['total_s']:.0f} s; results in {record['config']['out']}")
+
+
+def _metrics_line(metrics: dict[str, Any]) -> str:
+    parts = [f"CACC {100 * metrics['cacc']:.1f}%"]
+    if "asr" in metrics:
+        parts.append(f"ASR {100 * metrics['asr']:.1f}%")
+    return ", ".join(parts)
+
+
+def main() -> None:
+    """Entry point: run the app; bad input -> one ``error:`` line and exit 2."""
+    try:
+        app(standalone_mode=False)
+    except UnbackdoorError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", None)
+        sys.exit(code if code is not None else getattr(exc, "code", 0))
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
+    except Exception as exc:
+        # usage errors of the (vendored) click parser: unknown option, missing value, ...
+        if callable(getattr(exc, "format_message", None)) and hasattr(exc, "exit_code"):
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

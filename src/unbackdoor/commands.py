@@ -1,0 +1,178 @@
+"""What each CLI command does, as library functions over validated command configs.
+
+Every command: validate the whole config first, check the output is free, do the work in a work
+dir, rename it into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.data.io import load_any, load_task, resolve_data_path, write_poisoned_task
+from unbackdoor.data.types import PoisonedTask, Task
+from unbackdoor.defenses.base import PurifyInputs
+from unbackdoor.errors import UnbackdoorError
+from unbackdoor.evaluate import EvalResult, markdown_table
+from unbackdoor.models.loading import load_classifier
+from unbackdoor.models.saving import provenance_record, save_classifier
+from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
+from unbackdoor.pipeline import (
+    CleanSetConfig,
+    attack_task,
+    draw_clean_set,
+    evaluate_on,
+    fit,
+    purify,
+    subsample_poisoned,
+    subsample_task,
+    victim_train_config,
+)
+from unbackdoor.training.config import TrainConfig
+from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
+
+logger = logging.getLogger(__name__)
+WORK_SUBDIR = "_work"  # checkpoints inside an output's work dir; removed when the output is complete
+
+
+def data_reference(spec: str) -> str:
+    """How an output records its input data: a name under the data root, or an absolute path."""
+    path = Path(spec)
+    return str(path.resolve()) if path.is_dir() else spec
+
+
+# ----------------------------------------------------------------------------- attack
+class AttackCommand(StrictConfig):
+    data: str = Field(description="clean data: a folder or a name under the data root")
+    attack: str = Field("badnets", description="attack name")
+    params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
+    out: str = Field(description="output folder for the poisoned data")
+    overwrite: bool = False
+
+
+def run_attack(cmd: AttackCommand) -> PoisonedTask:
+    out = check_output_free(cmd.out, cmd.overwrite)
+    task = load_task(cmd.data)
+    poisoned = attack_task(task, cmd.attack, cmd.params)
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        write_poisoned_task(poisoned, work, {"clean": data_reference(cmd.data)})
+    logger.info("poisoned %d of %d rows -> %s", poisoned.flags.n_poisoned, len(poisoned.train), out)
+    return poisoned
+
+
+# ----------------------------------------------------------------------------- train
+class TrainCommand(StrictConfig):
+    data: str = Field(description="training data (clean or poisoned); poison flags are never used")
+    model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
+    out: str = Field(description="output model folder")
+    defense: Literal["none"] = Field("none", description="training-time defence")
+    train: TrainConfig = Field(default_factory=victim_train_config)
+    max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
+    max_length: int = Field(128, ge=8, le=4096, description="tokens per input (truncation)")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def run_train(cmd: TrainCommand) -> dict[str, Any]:
+    out = check_output_free(cmd.out, cmd.overwrite)
+    data = load_any(cmd.data)
+    if isinstance(data, PoisonedTask):
+        data = subsample_poisoned(data, cmd.max_train, cmd.train.seed)
+        rows, dev = data.train, data.clean.dev  # the trainer gets rows only, never the flags
+    else:
+        data = subsample_task(data, cmd.max_train, cmd.train.seed)
+        rows, dev = data.train, data.dev
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        clf, result = fit(cmd.model, rows, dev, cmd.train, work_dir=work / WORK_SUBDIR,
+                          allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
+        metrics = evaluate_on(clf, data, name=str(out))
+        record = provenance_record(
+            clf, title=f"fine-tuned on {cmd.data}", role="victim" if isinstance(data, PoisonedTask) else "model",
+            base=cmd.model or "all-MiniLM-L6-v2", data=data_reference(cmd.data), defense=cmd.defense,
+            attack=_attack_summary(data), config=cmd.model_dump(), seed=cmd.train.seed,
+            training=result.to_dict(), metrics=_metric_summary(metrics),
+        )
+        shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
+        save_classifier(clf, work, record)
+    return record
+
+
+def _attack_summary(data: Task | PoisonedTask) -> dict[str, Any] | None:
+    if not isinstance(data, PoisonedTask):
+        return None
+    return {"name": data.attack.name, "trigger": data.attack.trigger, "params": dict(data.attack.params),
+            "n_poisoned_train": data.flags.n_poisoned, "poison_rate": data.flags.rate}
+
+
+def _metric_summary(result: EvalResult) -> dict[str, Any]:
+    keys = ("cacc", "macro_f1", "asr", "robust_accuracy", "n_clean", "n_triggered")
+    return {k: getattr(result, k) for k in keys if getattr(result, k) is not None}
+
+
+# ----------------------------------------------------------------------------- purify
+class PurifyCommand(StrictConfig):
+    model: str = Field(description="the suspect model folder")
+    clean: str = Field(description="clean data the defender holds (its train split is sampled)")
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    base: str | None = Field(None, description="the suspect's clean pre-trained base")
+    method: str = Field("finetune", description="purify method")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
+    out: str = Field(description="output model folder")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
+    from unbackdoor.defenses.base import PURIFY_DEFENSES
+
+    out = check_output_free(cmd.out, cmd.overwrite)
+    PURIFY_DEFENSES.get(cmd.method)  # unknown method: fail before loading anything
+    clean_task = load_task(cmd.clean)
+    clean = draw_clean_set(clean_task, cmd.clean_set)
+    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle)
+    base = None
+    if cmd.base is not None:
+        base = load_classifier(cmd.base, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle,
+                               max_length=suspect.max_length)
+    inputs = PurifyInputs(suspect=suspect, clean=clean, base=base)
+    watch = Stopwatch()
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        result = purify(cmd.method, cmd.params, inputs, work_dir=work / WORK_SUBDIR)
+        record = provenance_record(
+            result.model, title=f"{cmd.model} purified with {cmd.method}", role="purified",
+            base=cmd.base, suspect=cmd.model, data=data_reference(cmd.clean), n_clean=len(clean),
+            defense={"method": cmd.method, **result.report}, config=cmd.model_dump(),
+            seed=cmd.clean_set.seed, wall_time_s=watch.elapsed(), peak_memory_mb=peak_memory_mb(),
+        )
+        shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
+        save_classifier(result.model, work, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- eval
+class EvalCommand(StrictConfig):
+    model: str = Field(description="model folder")
+    data: str = Field(description="clean data (CACC) or poisoned data (CACC + ASR)")
+    out: str | None = Field(None, description="write the JSON record here")
+    max_length: int | None = Field(None, ge=8, description="must match the model's saved input format")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
+    out = Path(cmd.out) if cmd.out else None
+    if out is not None and out.exists() and (out.is_dir() or not cmd.overwrite):
+        raise UnbackdoorError(f"{out}: already exists; choose another --out or pass --overwrite")
+    data = load_any(cmd.data)
+    num_labels = (data.clean if isinstance(data, PoisonedTask) else data).num_labels
+    clf = load_classifier(cmd.model, num_labels=num_labels, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
+    result = evaluate_on(clf, data, name=cmd.model)
+    table = markdown_table([(cmd.model, result)])
+    if out is not None:
+        write_json(out, {"config": cmd.model_dump(), "data": data_reference(cmd.data), **result.to_dict()})
+    return result, table

@@ -1,0 +1,56 @@
+"""Clean fine-tuning (FT): the baseline every purification method must beat (``baselines.md`` §1).
+
+From the suspect, train all parameters with cross-entropy on the fitting part of the clean set;
+pick the epoch by accuracy on the held-out part (never by poisoned data). With little clean data
+FT often leaves much of a backdoor in place; that is what it is here to show.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.data.sampling import holdout_split
+from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
+from unbackdoor.training.config import TrainConfig
+from unbackdoor.training.loop import train_classifier
+
+
+def small_set_train_config() -> TrainConfig:
+    """[RECON] Defaults for BERT-like models on a few hundred rows: lr 2e-5, batch 16, 10 epochs.
+
+    Ties in held-out accuracy keep the *last* epoch (our choice): with a tiny held-out set many
+    epochs tie, and at equal clean accuracy more clean fine-tuning is the stronger defence.
+    """
+    return TrainConfig(epochs=10, batch_size=16, learning_rate=2e-5, warmup_ratio=0.1, selection_ties="last")
+
+
+class FinetuneConfig(StrictConfig):
+    train: TrainConfig = Field(default_factory=small_set_train_config, description="training-loop settings")
+    holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out to select the epoch")
+    seed: int = Field(0, description="seed of the fit/held-out split")
+
+
+@PURIFY_DEFENSES.register("finetune")
+class CleanFinetune(PurifyDefense[FinetuneConfig]):
+    """Fine-tune the suspect on clean data; select the epoch on held-out clean data."""
+
+    name = "finetune"
+    config_class = FinetuneConfig
+
+    def _purify(self, inputs: PurifyInputs, work_dir: Path | None) -> DefenseResult:
+        fit, held_out = holdout_split(inputs.clean, self.config.holdout_fraction, self.config.seed)
+        result = train_classifier(inputs.suspect, fit, self.config.train, dev=held_out, work_dir=work_dir)
+        return DefenseResult(
+            inputs.suspect,
+            {
+                "method": self.name,
+                "n_fit": len(fit),
+                "n_selection": len(held_out),
+                "selected_epoch": result.best_epoch,
+                "selection_accuracy": result.best_dev_accuracy,
+                "training": result.to_dict(),
+            },
+        )

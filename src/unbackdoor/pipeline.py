@@ -1,0 +1,112 @@
+"""The steps every command is made of: load, attack, fit, defend, evaluate, save.
+
+The CLI is a thin layer over these functions; notebooks and the benchmark call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from unbackdoor import __version__
+from unbackdoor.attacks.base import ATTACKS
+from unbackdoor.config import StrictConfig, build_config
+from unbackdoor.data.io import load_any
+from unbackdoor.data.sampling import sample_subset
+from unbackdoor.data.types import Dataset, PoisonedTask, PoisonFlags, Task
+from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyInputs
+from unbackdoor.evaluate import EvalResult, evaluate_classifier
+from unbackdoor.models.loading import Classifier, load_classifier
+from unbackdoor.training.config import TrainConfig
+from unbackdoor.training.loop import TrainResult, train_classifier
+
+logger = logging.getLogger(__name__)
+
+
+def victim_train_config() -> TrainConfig:
+    """[RECON] Full fine-tuning defaults for MiniLM-sized encoders on a few thousand rows
+    (lr 1e-4: all-MiniLM-L6-v2 barely moves at BERT's usual 2e-5 in 3 epochs)."""
+    return TrainConfig(epochs=3, batch_size=32, learning_rate=1e-4)
+
+
+def subsample_task(task: Task, max_train: int | None, seed: int) -> Task:
+    """The task with its training split cut to ``max_train`` rows (stratified, seeded)."""
+    if max_train is None or max_train >= len(task.train):
+        return task
+    train = sample_subset(task.train, size=max_train, seed=seed, name=f"{task.train.name}[{max_train} rows]")
+    return dataclasses.replace(task, train=train)
+
+
+def subsample_poisoned(task: PoisonedTask, max_train: int | None, seed: int) -> PoisonedTask:
+    """A poisoned task with its training rows cut to ``max_train`` (flags follow the rows by id)."""
+    if max_train is None or max_train >= len(task.train):
+        return task
+    train = sample_subset(task.train, size=max_train, seed=seed, name=f"{task.train.name}[{max_train} rows]")
+    kept = task.flags.poisoned_ids & set(train.ids)
+    return dataclasses.replace(task, train=train, flags=PoisonFlags(frozenset(kept), len(train)))
+
+
+def attack_task(task: Task, attack: str, params: dict[str, Any]) -> PoisonedTask:
+    """Poison ``task`` with the named attack and its (validated) parameters."""
+    cls = ATTACKS.get(attack)
+    config = build_config(cls.config_class, params, f"attack {attack}")
+    return cls(config).poison(task)
+
+
+def fit(
+    base: str | Path | None,
+    train: Dataset,
+    dev: Dataset | None,
+    config: TrainConfig,
+    *,
+    work_dir: Path | None = None,
+    allow_pickle: bool = False,
+    max_length: int | None = None,
+) -> tuple[Classifier, TrainResult]:
+    """Load ``base`` (a new head if it has none) and fine-tune it on ``train``, selecting on clean ``dev``."""
+    clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle,
+                          max_length=max_length, seed=config.seed)
+    result = train_classifier(clf, train, config, dev=dev, work_dir=work_dir)
+    return clf, result
+
+
+def evaluate_on(clf: Classifier, data: Task | PoisonedTask, name: str = "") -> EvalResult:
+    """CACC on the clean test split; ASR too when ``data`` is poisoned."""
+    if isinstance(data, PoisonedTask):
+        return evaluate_classifier(clf, data.clean.test, data.triggered_test, name=name)
+    return evaluate_classifier(clf, data.test, name=name)
+
+
+def purify(method: str, params: dict[str, Any], inputs: PurifyInputs, work_dir: Path | None = None) -> DefenseResult:
+    """Run the named purify defence with validated parameters."""
+    cls = PURIFY_DEFENSES.get(method)
+    config = build_config(cls.config_class, params, f"purify method {method}")
+    return cls(config).purify(inputs, work_dir)
+
+
+class CleanSetConfig(StrictConfig):
+    """How the defender's small clean set is drawn (from a clean task's train split)."""
+
+    fraction: float | None = Field(0.01, gt=0, le=1, description="share of the clean train split")
+    size: int | None = Field(None, ge=2, description="number of rows (instead of fraction)")
+    per_class: int | None = Field(None, ge=1, description="rows per label (instead of fraction)")
+    seed: int = 0
+
+
+def draw_clean_set(task: Task, spec: CleanSetConfig) -> Dataset:
+    """A seeded clean subset of ``task.train``, disjoint from its dev and test texts."""
+    fraction = None if (spec.size or spec.per_class) else spec.fraction
+    return sample_subset(task.train, fraction=fraction, size=spec.size, per_class=spec.per_class,
+                         seed=spec.seed, exclude=[task.test, task.dev], name=f"{task.name}:clean-set")
+
+
+def load_data(spec: str) -> Task | PoisonedTask:
+    return load_any(spec)
+
+
+def record_base(**fields: Any) -> dict[str, Any]:
+    return {"unbackdoor_version": __version__, **fields}

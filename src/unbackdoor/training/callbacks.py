@@ -1,0 +1,68 @@
+"""Extension points of the training loop.
+
+A method adds behaviour by subclassing :class:`Callback`, never by copying the loop:
+
+* ``extra_loss``: add a term to the loss (EWC, gradient ascent by returning a negated loss, ...);
+* ``on_gradients``: rewrite gradients after backward, before clipping and the optimizer step
+  (gradient alignment, two-gradient rules);
+* ``on_step_end``: act on parameters after each step (fixed pruning or mixing masks);
+* ``on_train_begin`` / ``on_epoch_end``: set-up and per-epoch logging.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from unbackdoor.training.config import TrainConfig
+
+
+@dataclass
+class TrainState:
+    """Where training is; saved with every checkpoint."""
+
+    epoch: int = 0
+    batches_done: int = 0  # batches of this process done in the current epoch
+    global_step: int = 0
+    epoch_loss_sum: float = 0.0  # running task loss of the current epoch (kept across a resume)
+    epoch_rows: int = 0
+    best_score: float | None = None
+    best_epoch: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class TrainContext:
+    """What a callback may look at: the unwrapped model, the wrapped one, the optimizer, state."""
+
+    model: torch.nn.Module
+    wrapped_model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    accelerator: Accelerator
+    config: TrainConfig
+    state: TrainState
+
+
+class Callback:
+    """Base class: every hook is a no-op."""
+
+    def on_train_begin(self, ctx: TrainContext) -> None:
+        """Called once, after the model is prepared and any checkpoint restored."""
+
+    def extra_loss(self, ctx: TrainContext, batch: dict[str, torch.Tensor], outputs: Any, loss: torch.Tensor) -> torch.Tensor:
+        """Return the loss to back-propagate (default: unchanged)."""
+        return loss
+
+    def on_gradients(self, ctx: TrainContext, batch: dict[str, torch.Tensor]) -> None:
+        """Rewrite ``p.grad`` in place, before clipping and the optimizer step."""
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        """After each optimizer step."""
+
+    def on_epoch_end(self, ctx: TrainContext, record: dict[str, Any]) -> None:
+        """After each epoch, with its record (loss, dev accuracy)."""

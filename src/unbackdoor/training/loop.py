@@ -1,0 +1,303 @@
+"""The one training loop, on Hugging Face Accelerate (CPU, one GPU, or many via ``accelerate launch``
+or ``torchrun``).
+
+Steps: tokenise once -> per epoch, seeded length-grouped batches sharded over processes -> forward,
+``extra_loss`` hooks, backward (with gradient accumulation) -> ``on_gradients`` hooks -> clip ->
+AdamW step, linear warm-up/decay -> ``on_step_end`` hooks -> at epoch end, clean dev accuracy
+selects the best epoch -> checkpoints that a killed run resumes from, bit for bit on CPU.
+
+Selection takes a clean :class:`~unbackdoor.data.Dataset` only: a triggered (poisoned) set is a
+different type and is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from unbackdoor.data.types import Dataset
+from unbackdoor.errors import DataError
+from unbackdoor.inference import collate, encode, predict_logits
+from unbackdoor.models.loading import Classifier
+from unbackdoor.training.batching import epoch_batches, shard
+from unbackdoor.training.callbacks import Callback, TrainContext, TrainState
+from unbackdoor.training.config import TrainConfig
+from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+BEST_FILE = "best.safetensors"
+
+
+@dataclass
+class TrainResult:
+    """What a training run did: per-epoch history, the selected epoch, cost."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int | None
+    best_dev_accuracy: float | None
+    steps: int
+    wall_time_s: float
+    examples_per_s: float
+    peak_memory_mb: float
+    resumed_from_step: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def require_clean_dataset(data: object, role: str) -> Dataset:
+    """Training rows and selection data must be a :class:`Dataset` (text + label, no flags)."""
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"{role} must be a unbackdoor.data.Dataset (text and labels only), got {type(data).__name__}; "
+            "triggered sets, poison flags and poisoned tasks are for evaluation only"
+        )
+    return data
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    """An Accelerator for this process (reuses the launch environment: torchrun, accelerate)."""
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
+
+
+def set_determinism(seed: int) -> None:
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+
+
+def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _Checkpointer:
+    """Saves and restores everything a resumed run needs, without pickle (safetensors + weights-only)."""
+
+    def __init__(self, work_dir: Path | None, accelerator: Accelerator) -> None:
+        self.root = work_dir
+        self.acc = accelerator
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def _path(self) -> Path:
+        assert self.root is not None
+        return self.root / CHECKPOINT_DIR
+
+    def save(self, model: torch.nn.Module, optimizer: Any, scheduler: Any, state: TrainState) -> None:
+        if self.root is None:
+            return
+        final = self._path()
+        tmp = final.with_name(final.name + ".tmp")
+        if self.acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.acc.wait_for_everyone()
+        rank = self.acc.process_index
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng-{rank}.pt")
+        torch.save({"batches_done": state.batches_done}, tmp / f"progress-{rank}.pt")
+        if self.acc.is_main_process:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+        self.acc.wait_for_everyone()
+        if self.acc.is_main_process:
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        self.acc.wait_for_everyone()
+
+    def restore(self, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> TrainState | None:
+        if self.root is None or not (self._path() / "state.json").exists():
+            return None
+        path = self._path()
+        model.load_state_dict(load_file(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / f"rng-{self.acc.process_index}.pt", weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
+        return state
+
+    def save_best(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if self.root is not None and self.acc.is_main_process:
+            self.root.mkdir(parents=True, exist_ok=True)
+            tmp = self.root / (BEST_FILE + ".tmp")
+            save_file({k: v.contiguous() for k, v in best.items()}, tmp)
+            os.replace(tmp, self.root / BEST_FILE)
+        return best
+
+    def load_best(self) -> dict[str, torch.Tensor] | None:
+        if self.root is None or not (self.root / BEST_FILE).exists():
+            return None
+        return load_file(self.root / BEST_FILE)
+
+
+def evaluate_accuracy(clf: Classifier, data: Dataset, batch_size: int = 128, accelerator: Accelerator | None = None) -> float:
+    """Accuracy on a clean labelled dataset (the only kind selection may use)."""
+    require_clean_dataset(data, "selection data")
+    preds = predict_logits(clf, data.examples, batch_size, accelerator).argmax(axis=1)
+    return float((preds == torch.tensor(data.labels).numpy()).mean())
+
+
+def _improves(score: float, best: float | None, ties: str) -> bool:
+    return best is None or score > best or (ties == "last" and score == best)
+
+
+def train_classifier(
+    clf: Classifier,
+    data: Dataset,
+    config: TrainConfig,
+    *,
+    dev: Dataset | None = None,
+    callbacks: Sequence[Callback] = (),
+    work_dir: str | Path | None = None,
+    accelerator: Accelerator | None = None,
+) -> TrainResult:
+    """Fine-tune ``clf`` in place on ``data``; select the epoch on clean ``dev`` accuracy.
+
+    With ``work_dir``, checkpoints are written there and a rerun with the same arguments resumes
+    from the latest one.
+    """
+    require_clean_dataset(data, "training data")
+    if dev is not None:
+        require_clean_dataset(dev, "selection (dev) data")
+        if dev.is_pair != data.is_pair:
+            raise DataError("training and dev data disagree on sentence pairs")
+    if data.num_labels != clf.num_labels:
+        raise DataError(f"the data has {data.num_labels} labels but the model has {clf.num_labels}")
+    clf.pair = data.is_pair
+    watch = Stopwatch()
+    acc = accelerator or make_accelerator(config)
+    set_determinism(config.seed)
+    features = encode(clf, data.examples)
+    dev_features = encode(clf, dev.examples) if dev is not None else None
+    lengths = [len(f["input_ids"]) for f in features]
+    labels = data.labels
+    per_epoch = math.ceil(len(shard(epoch_batches(lengths, config.batch_size, config.seed, 0, False), 0, acc.num_processes)) / config.gradient_accumulation_steps)
+    total_steps = per_epoch * config.epochs if config.max_steps is None else min(config.max_steps, per_epoch * config.epochs)
+
+    model = clf.model
+    model.train()
+    optimizer = _optimizer(model, config)
+    scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc)
+    state = ckpt.restore(model, optimizer, scheduler) or TrainState()
+    resumed_from = state.global_step if state.global_step or state.batches_done else None
+    if resumed_from is not None:
+        logger.info("resuming from step %d (epoch %d)", state.global_step, state.epoch)
+    best_state = ckpt.load_best()
+    wrapped, optimizer = acc.prepare(model, optimizer)
+    clf.model = acc.unwrap_model(wrapped)
+    ctx = TrainContext(clf.model, wrapped, optimizer, acc, config, state)
+    for cb in callbacks:
+        cb.on_train_begin(ctx)
+
+    seen = 0
+    bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
+               disable=not (config.progress and acc.is_local_main_process) or None)
+    done = state.global_step >= total_steps
+    while state.epoch < config.epochs and not done:
+        batches = shard(epoch_batches(lengths, config.batch_size, config.seed, state.epoch, config.group_by_length),
+                        acc.process_index, acc.num_processes)
+        for b_idx in range(state.batches_done, len(batches)):
+            rows = batches[b_idx]
+            batch = {k: v.to(acc.device) for k, v in collate(clf, [features[i] for i in rows], [labels[i] for i in rows]).items()}
+            is_sync = (b_idx + 1) % config.gradient_accumulation_steps == 0 or b_idx + 1 == len(batches)
+            with (nullcontext() if is_sync else acc.no_sync(wrapped)), acc.autocast():
+                outputs = wrapped(**batch)
+                loss = outputs.loss
+                for cb in callbacks:
+                    loss = cb.extra_loss(ctx, batch, outputs, loss)
+                acc.backward(loss / config.gradient_accumulation_steps)
+            state.epoch_loss_sum += float(outputs.loss.detach()) * len(rows)  # task loss, before extra terms
+            state.epoch_rows += len(rows)
+            seen += len(rows)
+            state.batches_done = b_idx + 1
+            if not is_sync:
+                continue
+            for cb in callbacks:
+                cb.on_gradients(ctx, batch)
+            if config.max_grad_norm is not None:
+                acc.clip_grad_norm_(wrapped.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.global_step += 1
+            bar.update(1)
+            for cb in callbacks:
+                cb.on_step_end(ctx)
+            if state.global_step >= total_steps:
+                done = True
+                break
+            if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:
+                ckpt.save(clf.model, optimizer, scheduler, state)
+        record: dict[str, Any] = {"epoch": state.epoch, "step": state.global_step,
+                                  "train_loss": state.epoch_loss_sum / max(1, state.epoch_rows)}
+        if dev is not None:
+            preds = predict_logits(clf, dev.examples, config.eval_batch_size, acc, dev_features).argmax(axis=1)
+            record["dev_accuracy"] = float((preds == torch.tensor(dev.labels).numpy()).mean())
+            if _improves(record["dev_accuracy"], state.best_score, config.selection_ties):
+                state.best_score, state.best_epoch = record["dev_accuracy"], state.epoch
+                best_state = ckpt.save_best(clf.model)
+            clf.model.train()
+        logger.info("epoch %d: %s", state.epoch, ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        state.history.append(record)
+        for cb in callbacks:
+            cb.on_epoch_end(ctx, record)
+        state.epoch += 1
+        state.batches_done, state.epoch_loss_sum, state.epoch_rows = 0, 0.0, 0
+        ckpt.save(clf.model, optimizer, scheduler, state)
+    bar.close()
+
+    if config.select_best and best_state is not None:
+        clf.model.load_state_dict(best_state)
+    clf.model.eval()
+    acc.free_memory()
+    wall = watch.elapsed()
+    return TrainResult(
+        history=list(state.history),
+        best_epoch=state.best_epoch if dev is not None else None,
+        best_dev_accuracy=state.best_score,
+        steps=state.global_step,
+        wall_time_s=wall,
+        examples_per_s=seen / wall if wall > 0 else 0.0,
+        peak_memory_mb=peak_memory_mb(),
+        resumed_from_step=resumed_from,
+    )
