@@ -66,18 +66,16 @@ BAD_INPUT: dict[str, Case] = {
     "yaml-unknown-key": Case(["attack", "--config", "{base}/unknown_key.yaml", "--out", "{out}"],
                              "bogus: unknown key"),
     "malformed-yaml": Case(["attack", "--config", "{base}/malformed.yaml", "--out", "{out}"], "malformed YAML"),
+    "yaml-not-utf8": Case(
+        ["attack", "--config", "{base}/latin1.yaml", "--out", "{out}"], "latin1.yaml"),
     "eval-pickle-only-model": Case(["eval", "--model", "{base}/pickle_model", "--data", "syn", "--out", "{out}"],
                                    "--allow-pickle"),
     "purify-unknown-method": Case(["purify", "--model", "{base}/pickle_model", "--clean", "syn", "--method", "nope",
                                    "--out", "{out}"], "unknown purify method 'nope'"),
     "train-pair-model-on-single-sentences": Case(
         ["train", "--data", "syn", "--model", "{base}/pair_model", "--out", "{out}", "--epochs", "1",
-         "--batch-size", "8", "--max-length", "32", "--checkpoint-every", "1"],
-        "sentence-pair model",
-        marks=[pytest.mark.xfail(strict=True, reason=(
-            "src bug: train_classifier sets clf.pair = data.is_pair before encode(), so the pair check "
-            "never fires in training (training/loop.py)"))],
-    ),
+         "--batch-size", "8", "--max-length", "32", "--checkpoint-every", "1"],  # (the model saved max_length=32)
+        "sentence-pair model"),
     "output-exists": Case(["attack", "--data", "syn", "--out", "{base}/existing"], "already exists"),
 }
 GOOD_ATTACK = Case(["attack", "--data", "syn", "--out", "{out}", "--poison-rate", "0.25", "--seed", "3"], "")
@@ -121,6 +119,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     (base / "unknown_key.yaml").write_text("data: syn\nattack: badnets\nbogus: 1\n", encoding="utf-8")
     (base / "malformed.yaml").write_text("data: [syn\nattack: badnets\n", encoding="utf-8")
+    (base / "latin1.yaml").write_bytes("data: syn\nattack: badnets\n# caf\u00e9\n".encode("latin-1"))
 
     pickle_model = base / "pickle_model"  # config + pickle weights only: must be refused unopened
     tiny_config("bert").save_pretrained(pickle_model)

@@ -266,6 +266,23 @@ def test_bad_folder_raises_data_error(
         assert name in str(info.value)  # ... down to the bad file
 
 
+@pytest.mark.parametrize(
+    "label",
+    ["--1", "\u00b2", "1e3", "0x1", ""],
+    ids=["double-minus", "superscript-two", "exponent", "hex", "empty"],
+)
+def test_odd_labels_are_data_errors(small_folder: Path, label: str) -> None:
+    _break(small_folder, "train.tsv", tsv("good film\t1", f"odd film\t{label}"))
+    with pytest.raises(DataError, match="not an integer"):
+        load_task(small_folder)
+
+
+def test_meta_json_not_utf8(small_folder: Path) -> None:
+    _break(small_folder, "meta.json", b'{"labels": {"0": "\xff", "1": "b"}}')
+    with pytest.raises(DataError, match="meta.json"):
+        load_task(small_folder)
+
+
 def test_missing_path(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no such data folder"):
         load_task(tmp_path / "nope")
@@ -327,6 +344,12 @@ def test_flags_not_zero_or_one(poisoned_folder: Path) -> None:
     flags = poisoned_folder / "train_poison_flags.txt"
     flags.write_text(flags.read_text().replace("0", "2", 1), encoding="utf-8")
     with pytest.raises(DataError, match="0 or 1"):
+        load_poisoned_task(poisoned_folder)
+
+
+def test_flags_not_utf8(poisoned_folder: Path) -> None:
+    (poisoned_folder / "train_poison_flags.txt").write_bytes(b"\xff\n" * 20)
+    with pytest.raises(DataError, match="train_poison_flags.txt"):
         load_poisoned_task(poisoned_folder)
 
 
@@ -427,8 +450,6 @@ def test_holdout_split_bad_input() -> None:
         holdout_split(Dataset((Example("a", "x", 0),), 2, "one"))
 
 
-@pytest.mark.xfail(strict=True, reason="src bug: holdout_split's fallback may hold out a label's only row "
-                   "(sampling.py: held.add(rng.choice(sorted(data.ids))))")
 def test_holdout_split_tiny_keeps_every_label_on_fit_side() -> None:
     data = _dataset([0, 1, 0])  # round(0.1 * n) == 0 for both labels: the one-row fallback kicks in
     for seed in range(4):

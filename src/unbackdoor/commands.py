@@ -27,13 +27,14 @@ from unbackdoor.pipeline import (
     attack_task,
     draw_clean_set,
     evaluate_on,
-    fit,
+    load_for_training,
     purify,
     subsample_poisoned,
     subsample_task,
     victim_train_config,
 )
 from unbackdoor.training.config import TrainConfig
+from unbackdoor.training.loop import train_classifier
 from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class TrainCommand(StrictConfig):
     defense: Literal["none"] = Field("none", description="training-time defence")
     train: TrainConfig = Field(default_factory=victim_train_config)
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
-    max_length: int = Field(128, ge=8, le=4096, description="tokens per input (truncation)")
+    max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved format, else 128)")
     allow_pickle: bool = False
     overwrite: bool = False
 
@@ -87,9 +88,9 @@ def run_train(cmd: TrainCommand) -> dict[str, Any]:
     else:
         data = subsample_task(data, cmd.max_train, cmd.train.seed)
         rows, dev = data.train, data.dev
+    clf = load_for_training(cmd.model, rows, cmd.train, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
     with atomic_output_dir(out, cmd.overwrite) as work:
-        clf, result = fit(cmd.model, rows, dev, cmd.train, work_dir=work / WORK_SUBDIR,
-                          allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
+        result = train_classifier(clf, rows, cmd.train, dev=dev, work_dir=work / WORK_SUBDIR)
         metrics = evaluate_on(clf, data, name=str(out))
         record = provenance_record(
             clf, title=f"fine-tuned on {cmd.data}", role="victim" if isinstance(data, PoisonedTask) else "model",

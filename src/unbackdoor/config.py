@@ -44,6 +44,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: config is not UTF-8 text ({exc.reason})") from exc
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: malformed YAML ({str(exc).splitlines()[0]})") from exc
     if data is None:

@@ -25,8 +25,6 @@ def check_output_free(out: str | Path, overwrite: bool = False) -> Path:
         raise UnbackdoorError(f"{out}: already exists; choose another output or pass --overwrite")
     if out.exists() and not out.is_dir():
         raise UnbackdoorError(f"{out}: exists and is not a folder")
-    if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -35,7 +33,7 @@ def atomic_output_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path
     """Yield a work dir; on success it becomes ``out``. On failure it stays as ``.<name>.partial``."""
     out = check_output_free(out, overwrite)
     work = partial_dir(out)
-    work.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)  # parents too: only now that the inputs are validated
     yield work
     if out.exists():
         shutil.rmtree(out)

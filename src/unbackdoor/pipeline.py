@@ -22,7 +22,7 @@ from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyInput
 from unbackdoor.evaluate import EvalResult, evaluate_classifier
 from unbackdoor.models.loading import Classifier, load_classifier
 from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.loop import TrainResult, train_classifier
+from unbackdoor.training.loop import TrainResult, check_trainable, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,17 @@ def attack_task(task: Task, attack: str, params: dict[str, Any]) -> PoisonedTask
     return cls(config).poison(task)
 
 
+def load_for_training(
+    base: str | Path | None, train: Dataset, config: TrainConfig, *, allow_pickle: bool = False,
+    max_length: int | None = None,
+) -> Classifier:
+    """Load ``base`` (a new seeded head if it has none) and check it can train on ``train``."""
+    clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle,
+                          max_length=max_length, seed=config.seed)
+    check_trainable(clf, train)
+    return clf
+
+
 def fit(
     base: str | Path | None,
     train: Dataset,
@@ -67,9 +78,8 @@ def fit(
     allow_pickle: bool = False,
     max_length: int | None = None,
 ) -> tuple[Classifier, TrainResult]:
-    """Load ``base`` (a new head if it has none) and fine-tune it on ``train``, selecting on clean ``dev``."""
-    clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle,
-                          max_length=max_length, seed=config.seed)
+    """Load ``base`` and fine-tune it on ``train``, selecting the epoch on clean ``dev``."""
+    clf = load_for_training(base, train, config, allow_pickle=allow_pickle, max_length=max_length)
     result = train_classifier(clf, train, config, dev=dev, work_dir=work_dir)
     return clf, result
 

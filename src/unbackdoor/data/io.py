@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,7 +89,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         return {}
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DataError(f"{meta_path}: unreadable meta.json ({exc})") from exc
     if not isinstance(meta, dict):
         raise DataError(f"{meta_path}: meta.json must hold an object")
@@ -115,7 +116,7 @@ def read_rows(path: Path) -> list[Row]:
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
         delimiter = "\t" if path.suffix == ".tsv" else ","
-        with path.open(encoding="utf-8", newline="") as fh:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
             quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
             reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
             if reader.fieldnames is None:
@@ -136,7 +137,7 @@ def read_rows(path: Path) -> list[Row]:
 
 def _read_jsonl(path: Path) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as fh:
+    with path.open(encoding="utf-8-sig") as fh:
         for n, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -155,8 +156,8 @@ def _parse_label(value: Any, where: str) -> int:
         raise DataError(f"{where}: label {value!r} is not an integer")
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
+        return int(value.strip())
     raise DataError(f"{where}: label {value!r} is not an integer")
 
 
@@ -270,7 +271,10 @@ def _read_flags(folder: Path, n_rows: int) -> list[bool]:
     path = folder / "train_poison_flags.txt"
     if not path.exists():
         raise DataError(f"{folder}: poisoned data needs train_poison_flags.txt")
-    lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: unreadable flags file ({exc})") from exc
     if any(ln not in ("0", "1") for ln in lines):
         raise DataError(f"{path}: each line must be 0 or 1")
     if len(lines) != n_rows:
@@ -329,7 +333,8 @@ def load_poisoned_task(spec: str | Path, clean: str | Path | None = None) -> Poi
         clean=clean_task,
         attack=AttackInfo(
             name=str(meta.get("attack_name") or meta.get("variant") or folder.name),
-            params={k: meta[k] for k in ("attack", "poison_rate", "n_poisoned_train", "mode") if k in meta},
+            params={**{k: meta[k] for k in ("attack", "poison_rate", "n_poisoned_train", "mode") if k in meta},
+                    **(meta.get("attack_params") or {})},
             trigger=str(meta.get("trigger", "")),
             source=str(folder),
         ),

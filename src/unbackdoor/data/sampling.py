@@ -93,5 +93,8 @@ def holdout_split(data: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[
         k = min(len(rows) - 1, round(fraction * len(rows)))
         held.update(e.id for e in rng.sample(rows, k))
     if not held:
-        held.add(rng.choice(sorted(data.ids)))
+        spare = [e.id for rows in _by_label(data.examples).values() if len(rows) > 1 for e in rows]
+        if not spare:
+            raise DataError(f"{data.name}: every label has a single row; nothing can be held out")
+        held.add(rng.choice(sorted(spare)))
     return data.without(held, f"{data.name}[fit]"), data.select(held, f"{data.name}[select]")

@@ -160,7 +160,7 @@ def load_classifier(
     saved_len = provenance.get("input_format", {}).get("max_length")
     if max_length is not None and saved_len is not None and max_length != saved_len:
         raise ModelError(
-            f"{spec}: was trained with max_length={saved_len}; evaluating with {max_length} changes the input format"
+            f"{spec}: was trained with max_length={saved_len}; using it with {max_length} changes the input format"
         )
     pair = provenance.get("input_format", {}).get("pair")
     return Classifier(model, tokenizer, max_length or saved_len or DEFAULT_MAX_LENGTH, source, provenance, pair)

@@ -176,6 +176,16 @@ def evaluate_accuracy(clf: Classifier, data: Dataset, batch_size: int = 128, acc
     return float((preds == torch.tensor(data.labels).numpy()).mean())
 
 
+def check_trainable(clf: Classifier, data: Dataset) -> None:
+    """Raise unless ``clf`` can be trained on ``data``: same label count, same pair-ness."""
+    if data.num_labels != clf.num_labels:
+        raise DataError(f"the data has {data.num_labels} labels but the model has {clf.num_labels}")
+    if clf.pair is not None and clf.pair != data.is_pair:
+        kind = "a sentence-pair model" if clf.pair else "a single-sentence model"
+        got = "sentence pairs" if data.is_pair else "single sentences"
+        raise DataError(f"this is {kind} but the training data has {got}")
+
+
 def _improves(score: float, best: float | None, ties: str) -> bool:
     return best is None or score > best or (ties == "last" and score == best)
 
@@ -200,8 +210,7 @@ def train_classifier(
         require_clean_dataset(dev, "selection (dev) data")
         if dev.is_pair != data.is_pair:
             raise DataError("training and dev data disagree on sentence pairs")
-    if data.num_labels != clf.num_labels:
-        raise DataError(f"the data has {data.num_labels} labels but the model has {clf.num_labels}")
+    check_trainable(clf, data)
     clf.pair = data.is_pair
     watch = Stopwatch()
     acc = accelerator or make_accelerator(config)
