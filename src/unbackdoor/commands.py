@@ -175,5 +175,8 @@ def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
     result = evaluate_on(clf, data, name=cmd.model)
     table = markdown_table([(cmd.model, result)])
     if out is not None:
-        write_json(out, {"config": cmd.model_dump(), "data": data_reference(cmd.data), **result.to_dict()})
+        produced_by = {k: clf.provenance.get(k) for k in ("role", "base", "data", "attack", "defense", "seed",
+                                                          "unbackdoor_version") if k in clf.provenance}
+        write_json(out, {"config": cmd.model_dump(), "data": data_reference(cmd.data), "model_record": produced_by,
+                         "input_format": clf.input_format(), **result.to_dict()})
     return result, table
