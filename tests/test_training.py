@@ -170,6 +170,18 @@ def test_resume_after_kill_gives_the_same_result(tmp_path: Path, tiny_bert: Path
     assert a["history"] == b["history"] and a["cacc"] == b["cacc"] and a["best_epoch"] == b["best_epoch"]
 
 
+def test_a_checkpoint_resumes_only_its_own_run(tmp_path: Path, tiny_bert: Path) -> None:
+    from unbackdoor.errors import ConfigError
+
+    task = make_task(64, 20, 20)
+    config = FAST.model_copy(update={"epochs": 1})
+    train_classifier(load_classifier(tiny_bert), task.train, config, work_dir=tmp_path)
+    assert (tmp_path / "checkpoint" / "state.json").exists()
+    with pytest.raises(ConfigError, match="other data or settings"):
+        train_classifier(load_classifier(tiny_bert), task.train, config.model_copy(update={"learning_rate": 1e-4}),
+                         work_dir=tmp_path)
+
+
 def test_two_process_run_with_torchrun(tmp_path: Path, tiny_bert: Path) -> None:
     """A world of 2 (gloo on CPU): trains, keeps replicas in sync, evaluates correctly."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -12,6 +12,7 @@ different type and is refused.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -29,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from unbackdoor.data.types import Dataset
-from unbackdoor.errors import DataError
+from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.batching import epoch_batches, shard
@@ -102,9 +103,10 @@ def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) 
 class _Checkpointer:
     """Saves and restores everything a resumed run needs, without pickle (safetensors + weights-only)."""
 
-    def __init__(self, work_dir: Path | None, accelerator: Accelerator) -> None:
+    def __init__(self, work_dir: Path | None, accelerator: Accelerator, run_key: str) -> None:
         self.root = work_dir
         self.acc = accelerator
+        self.run_key = run_key  # a checkpoint resumes only the run that wrote it
 
     @property
     def enabled(self) -> bool:
@@ -133,7 +135,7 @@ class _Checkpointer:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            (tmp / "state.json").write_text(json.dumps(asdict(state)), encoding="utf-8")
+            (tmp / "state.json").write_text(json.dumps({**asdict(state), "run_key": self.run_key}), encoding="utf-8")
         self.acc.wait_for_everyone()
         if self.acc.is_main_process:
             shutil.rmtree(final, ignore_errors=True)
@@ -144,6 +146,12 @@ class _Checkpointer:
         if self.root is None or not (self._path() / "state.json").exists():
             return None
         path = self._path()
+        saved = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        if saved.pop("run_key", None) != self.run_key:
+            raise ConfigError(
+                f"{path}: this checkpoint belongs to a run with other data or settings; "
+                "rerun with the same ones, or delete it to start afresh"
+            )
         model.load_state_dict(load_file(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
@@ -151,8 +159,7 @@ class _Checkpointer:
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-        state = TrainState(**json.loads((path / "state.json").read_text(encoding="utf-8")))
-        return state
+        return TrainState(**saved)
 
     def save_best(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         best = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -184,6 +191,17 @@ def check_trainable(clf: Classifier, data: Dataset) -> None:
         kind = "a sentence-pair model" if clf.pair else "a single-sentence model"
         got = "sentence pairs" if data.is_pair else "single sentences"
         raise DataError(f"this is {kind} but the training data has {got}")
+
+
+def _run_key(clf: Classifier, data: Dataset, dev: Dataset | None, config: TrainConfig, acc: Accelerator) -> str:
+    """A fingerprint of what a run trains on and how: data rows, model, settings, world size."""
+    digest = hashlib.sha256()
+    settings = config.model_dump(exclude={"progress"})
+    digest.update(json.dumps([settings, clf.source, clf.max_length, acc.num_processes], sort_keys=True).encode())
+    for d in (data, dev):
+        for e in d.examples if d is not None else ():
+            digest.update(f"{e.id}\x00{e.text}\x00{e.text_pair}\x00{e.label}\x01".encode())
+    return digest.hexdigest()
 
 
 def _improves(score: float, best: float | None, ties: str) -> bool:
@@ -226,7 +244,7 @@ def train_classifier(
     model.train()
     optimizer = _optimizer(model, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc)
+    ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc, _run_key(clf, data, dev, config, acc))
     state = ckpt.restore(model, optimizer, scheduler) or TrainState()
     resumed_from = state.global_step if state.global_step or state.batches_done else None
     if resumed_from is not None:
