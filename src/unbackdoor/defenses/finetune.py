@@ -12,10 +12,9 @@ from pathlib import Path
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig
-from unbackdoor.data.sampling import holdout_split
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
+from unbackdoor.defenses.common import finetune_with_selection
 from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.loop import train_classifier
 
 
 def small_set_train_config() -> TrainConfig:
@@ -41,16 +40,7 @@ class CleanFinetune(PurifyDefense[FinetuneConfig]):
     config_class = FinetuneConfig
 
     def _purify(self, inputs: PurifyInputs, work_dir: Path | None) -> DefenseResult:
-        fit, held_out = holdout_split(inputs.clean, self.config.holdout_fraction, self.config.seed)
-        result = train_classifier(inputs.suspect, fit, self.config.train, dev=held_out, work_dir=work_dir)
-        return DefenseResult(
-            inputs.suspect,
-            {
-                "method": self.name,
-                "n_fit": len(fit),
-                "n_selection": len(held_out),
-                "selected_epoch": result.best_epoch,
-                "selection_accuracy": result.best_dev_accuracy,
-                "training": result.to_dict(),
-            },
-        )
+        report = finetune_with_selection(inputs.suspect, inputs.clean, self.config.train,
+                                         holdout_fraction=self.config.holdout_fraction, seed=self.config.seed,
+                                         work_dir=work_dir)
+        return DefenseResult(inputs.suspect, {"method": self.name, **report})
