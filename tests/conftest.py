@@ -5,10 +5,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Tiny-model tests are dominated by thread hand-off overhead: one thread is ~10x faster on 2 cores.
+# (MiniLM integration tests run the CLI in subprocesses, which keep torch's default.)
+torch.set_num_threads(1)
 
 from synthetic import make_task, save_tiny_model  # noqa: E402
 
@@ -63,3 +68,10 @@ class PlantedBackdoor:
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> PlantedBackdoor:
     return PlantedBackdoor(tmp_path_factory.mktemp("planted"))
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(base, suspect): two tiny BERTs (2 blocks) with the same architecture and different weights."""
+    root = tmp_path_factory.mktemp("pair")
+    return save_tiny_model(root / "base", "bert", seed=0), save_tiny_model(root / "suspect", "bert", seed=1)

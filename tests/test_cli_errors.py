@@ -77,6 +77,18 @@ BAD_INPUT: dict[str, Case] = {
          "--batch-size", "8", "--max-length", "32", "--checkpoint-every", "1"],  # (the model saved max_length=32)
         "sentence-pair model"),
     "output-exists": Case(["attack", "--data", "syn", "--out", "{base}/existing"], "already exists"),
+    "purify-method-needs-base": Case(["purify", "--model", "{base}/bert_model", "--clean", "syn", "--method",
+                                      "fine-mixing", "--out", "{out}"], "method 'fine-mixing' needs the suspect's clean"),
+    "purify-epur-needs-base": Case(["purify", "--model", "{base}/bert_model", "--clean", "syn", "--epur",
+                                    "--out", "{out}"], "--epur needs the suspect's clean pre-trained base"),
+    "purify-epur-with-e-pur": Case(["purify", "--model", "{base}/bert_model", "--base", "{base}/bert_model",
+                                    "--clean", "syn", "--method", "e-pur", "--epur", "--out", "{out}"],
+                                   "method e-pur already is E-PUR"),
+    "purify-base-architecture-mismatch": Case(["purify", "--model", "{base}/bert_model", "--base", "{base}/gpt2_model",
+                                               "--clean", "syn", "--method", "fine-mixing", "--out", "{out}"],
+                                              "architectures differ: bert vs gpt2"),
+    "scan-base-architecture-mismatch": Case(["scan", "--model", "{base}/bert_model", "--base", "{base}/gpt2_model",
+                                             "--out", "{out}"], "architectures differ: bert vs gpt2"),
 }
 GOOD_ATTACK = Case(["attack", "--data", "syn", "--out", "{out}", "--poison-rate", "0.25", "--seed", "3"], "")
 ALL_CASES = {**BAD_INPUT, "good-attack": GOOD_ATTACK}
@@ -129,6 +141,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (pair_model / "unbackdoor.json").write_text(json.dumps({"input_format": {"pair": True, "max_length": 32}}),
                                                 encoding="utf-8")
 
+    save_tiny_model(base / "bert_model", "bert")  # suspect and base for purify/scan cases
+    save_tiny_model(base / "gpt2_model", "gpt2")
     (base / "existing").mkdir()
     (base / "existing" / "keep.txt").write_text("earlier output\n", encoding="utf-8")
     return base

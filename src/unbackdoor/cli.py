@@ -156,12 +156,16 @@ def purify_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
     clean: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the clean set)")] = None,
     base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
-    method: Annotated[Optional[str], typer.Option(help="purify method: finetune")] = None,
+    method: Annotated[Optional[str], typer.Option(help="purify method: finetune, e-pur, fine-mixing, fine-purifying, fine-pruning, reinit")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
     clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
     clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
     clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
+    epur: Annotated[Optional[bool], typer.Option("--epur", help="reset E-PUR's suspicious embedding rows first "
+                                                 "(with fine-mixing, fine-purifying, ...; needs --base)")] = None,
+    epur_param: Annotated[Optional[list[str]], typer.Option("--epur-param", help="E-PUR option KEY=VALUE for --epur; "
+                                                            "repeatable")] = None,
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
@@ -171,12 +175,47 @@ def purify_cmd(
     from unbackdoor.commands import PurifyCommand, run_purify
 
     flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_parse_params(param),
-                   clean_set__fraction=clean_fraction, clean_set__size=clean_size,
+                   epur=epur, epur_params=_parse_params(epur_param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
                    clean_set__per_class=clean_per_class, clean_set__seed=seed,
                    allow_pickle=allow_pickle, overwrite=overwrite)
     record = run_purify(_command_config(PurifyCommand, config, flags))
     typer.echo(f"purified with {record['defense']['method']} on {record['n_clean']} clean rows "
                f"in {record['wall_time_s']:.0f} s -> {record['config']['out']}")
+
+
+@app.command(name="scan")
+def scan_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
+    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="clean data for token frequencies (its train split is sampled)")] = None,
+    top: Annotated[Optional[int], typer.Option(help="suspected trigger tokens listed (default 20)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for JSON, Markdown, CSV and PNG")] = None,
+    freq_table: Annotated[Optional[str], typer.Option(help="token -> count table made with the model's tokenizer")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
+    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
+    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Suspected trigger tokens (E-PUR-style scores) and the most-moved weights of a suspect vs its base."""
+    from unbackdoor.commands import ScanCommand, run_scan
+
+    params = _merge(_flags(freq_table=freq_table), _parse_params(param))
+    flags = _flags(model=model, base=base, clean=clean, top=top, out=out, params=params,
+                   clean_set__fraction=clean_fraction, clean_set__size=clean_size,
+                   clean_set__per_class=clean_per_class, clean_set__seed=seed,
+                   allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_scan(_command_config(ScanCommand, config, flags))
+    for row in record["top_tokens"]:
+        mark = "  <- stands out" if row["stands_out"] else ""
+        score = row["ratio"] if record["primary_score"] == "ratio" else row["residual_z"]
+        typer.echo(f"{row['rank']:>4}  {row['token']:<20} {record['primary_score']} {score:.4g}  "
+                   f"drift {row['drift']:.4g}  freq {'-' if row['freq'] is None else format(row['freq'], 'g')}{mark}")
+    names = ", ".join(t["token"] for t in record["standing_out"]) or "nothing"
+    typer.echo(f"stands out: {names} ({record['standing_out_rule']}) -> {record['config']['out']}")
 
 
 @app.command(name="eval")

@@ -13,17 +13,18 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from unbackdoor.config import StrictConfig
+from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.io import load_any, load_task, resolve_data_path, write_poisoned_task
 from unbackdoor.data.types import PoisonedTask, Task
 from unbackdoor.defenses.base import PurifyInputs
-from unbackdoor.errors import UnbackdoorError
+from unbackdoor.errors import ModelError, UnbackdoorError
 from unbackdoor.evaluate import EvalResult, markdown_table
-from unbackdoor.models.loading import load_classifier
+from unbackdoor.models.loading import check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
 from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
 from unbackdoor.pipeline import (
     CleanSetConfig,
+    build_defence,
     attack_task,
     draw_clean_set,
     evaluate_on,
@@ -123,16 +124,19 @@ class PurifyCommand(StrictConfig):
     base: str | None = Field(None, description="the suspect's clean pre-trained base")
     method: str = Field("finetune", description="purify method")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
+    epur: bool = Field(False, description="reset E-PUR's suspicious embedding rows first (needs base)")
+    epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR options for --epur "
+                                        "(unbackdoor.defenses.epur.EpurConfig)")
     out: str = Field(description="output model folder")
     allow_pickle: bool = False
     overwrite: bool = False
 
 
 def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
-    from unbackdoor.defenses.base import PURIFY_DEFENSES
 
     out = check_output_free(cmd.out, cmd.overwrite)
-    PURIFY_DEFENSES.get(cmd.method)  # unknown method: fail before loading anything
+    epur = cmd.epur_params if cmd.epur else None
+    build_defence(cmd.method, cmd.params, epur, have_base=cmd.base is not None)  # fail before loading anything
     clean_task = load_task(cmd.clean)
     clean = draw_clean_set(clean_task, cmd.clean_set)
     suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle)
@@ -143,7 +147,7 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
     inputs = PurifyInputs(suspect=suspect, clean=clean, base=base)
     watch = Stopwatch()
     with atomic_output_dir(out, cmd.overwrite) as work:
-        result = purify(cmd.method, cmd.params, inputs, work_dir=work / WORK_SUBDIR)
+        result = purify(cmd.method, cmd.params, inputs, work_dir=work / WORK_SUBDIR, epur=epur)
         record = provenance_record(
             result.model, title=f"{cmd.model} purified with {cmd.method}", role="purified",
             base=cmd.base, suspect=cmd.model, data=data_reference(cmd.clean), n_clean=len(clean),
@@ -153,6 +157,45 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
         shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
         save_classifier(result.model, work, record)
     return record
+
+
+# ----------------------------------------------------------------------------- scan
+class ScanCommand(StrictConfig):
+    model: str = Field(description="the suspect model folder")
+    base: str = Field(description="the suspect's clean pre-trained base")
+    clean: str | None = Field(None, description="clean data (its train split is sampled, as for purify); "
+                              "token frequencies are counted on it")
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    top: int = Field(20, ge=1, description="suspected trigger tokens listed")
+    margin: float = Field(1.5, gt=1, description="a token stands out at this multiple of the best score among "
+                          "tokens in clean use (score=ratio)")
+    params: dict[str, Any] = Field(default_factory=dict, description="E-PUR scoring options "
+                                   "(unbackdoor.defenses.epur.EpurScoring)")
+    out: str = Field(description="output folder (scan.json, scan.md, token_scores.csv, drift_vs_frequency.png)")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def run_scan(cmd: ScanCommand) -> dict[str, Any]:
+    """Validate everything, load both models, refuse a base/suspect mismatch, then scan and write."""
+    from unbackdoor.defenses.epur import EpurScoring
+    from unbackdoor.scan import scan, write_scan_outputs
+
+    out = check_output_free(cmd.out, cmd.overwrite)
+    scoring = build_config(EpurScoring, cmd.params, "scan params")
+    clean = draw_clean_set(load_task(cmd.clean), cmd.clean_set) if cmd.clean is not None else None
+    suspect = load_classifier(cmd.model, num_labels=clean.num_labels if clean else None, allow_pickle=cmd.allow_pickle)
+    base = load_classifier(cmd.base, num_labels=suspect.num_labels, allow_pickle=cmd.allow_pickle)
+    try:
+        check_same_architecture(suspect, base)
+    except ModelError as exc:
+        raise ModelError(f"--model {cmd.model} and --base {cmd.base} do not match: {exc}") from None
+    watch = Stopwatch()
+    report = scan(suspect, base, clean, top_k=cmd.top, config=scoring, margin=cmd.margin)
+    produced_by = {"config": cmd.model_dump(), "wall_time_s": watch.elapsed()}
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        write_scan_outputs(report, work, produced_by)
+    return {**produced_by, **report.to_dict()}
 
 
 # ----------------------------------------------------------------------------- eval

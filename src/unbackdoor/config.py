@@ -29,10 +29,33 @@ def format_validation_error(exc: ValidationError, where: str) -> str:
     return f"{where}: " + "; ".join(parts)
 
 
+def _field_default(cls: type[BaseModel], name: str) -> Any:
+    info = cls.model_fields[name]
+    return info.default_factory() if info.default_factory is not None else info.default  # type: ignore[call-arg]
+
+
+def with_nested_defaults(cls: type[BaseModel], values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with every partial nested config filled in from the field's own default.
+
+    ``{"train": {"learning_rate": 1e-4}}`` changes only the learning rate of a method whose
+    ``train`` default is, say, 5 epochs at batch 32, instead of replacing the whole ``train``.
+    """
+    merged = dict(values)
+    for name, value in values.items():
+        if name not in cls.model_fields or not isinstance(value, dict):
+            continue
+        default = _field_default(cls, name)
+        if isinstance(default, BaseModel):
+            merged[name] = {**default.model_dump(exclude_unset=False),
+                            **with_nested_defaults(type(default), value)}
+    return merged
+
+
 def build_config(cls: type[M], values: dict[str, Any], where: str) -> M:
-    """Validate ``values`` into ``cls``, turning validation errors into one ConfigError line."""
+    """Validate ``values`` into ``cls`` (partial nested configs keep their field's defaults),
+    turning validation errors into one ConfigError line."""
     try:
-        return cls.model_validate(values)
+        return cls.model_validate(with_nested_defaults(cls, values))
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, where)) from None
 

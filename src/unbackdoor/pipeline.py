@@ -18,7 +18,9 @@ from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.io import load_any
 from unbackdoor.data.sampling import sample_subset
 from unbackdoor.data.types import Dataset, PoisonedTask, PoisonFlags, Task
-from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyInputs
+from unbackdoor.errors import ConfigError
+from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
+from unbackdoor.defenses.epur import EpurConfig, apply_epur
 from unbackdoor.evaluate import EvalResult, evaluate_classifier
 from unbackdoor.models.loading import Classifier, load_classifier
 from unbackdoor.training.config import TrainConfig
@@ -91,11 +93,39 @@ def evaluate_on(clf: Classifier, data: Task | PoisonedTask, name: str = "") -> E
     return evaluate_classifier(clf, data.test, name=name)
 
 
-def purify(method: str, params: dict[str, Any], inputs: PurifyInputs, work_dir: Path | None = None) -> DefenseResult:
-    """Run the named purify defence with validated parameters."""
+def build_defence(method: str, params: dict[str, Any], epur: dict[str, Any] | None = None,
+                  have_base: bool = True) -> tuple[PurifyDefense, EpurConfig | None]:
+    """Validate a purify request before any work: the defence, and the ``--epur`` first step's config."""
     cls = PURIFY_DEFENSES.get(method)
-    config = build_config(cls.config_class, params, f"purify method {method}")
-    return cls(config).purify(inputs, work_dir)
+    defence = cls(build_config(cls.config_class, params, f"purify method {method}"))
+    if cls.needs_base and not have_base:
+        raise ConfigError(f"method {method!r} needs the suspect's clean pre-trained base model: give --base")
+    if epur is None:
+        return defence, None
+    if method == "e-pur":
+        raise ConfigError("--epur adds E-PUR's reset before another method; method e-pur already is E-PUR")
+    if not have_base:
+        raise ConfigError("--epur needs the suspect's clean pre-trained base model: give --base")
+    return defence, build_config(EpurConfig, {**epur, "finetune": False}, "E-PUR (--epur) params")
+
+
+def purify(method: str, params: dict[str, Any], inputs: PurifyInputs, work_dir: Path | None = None,
+           epur: dict[str, Any] | None = None) -> DefenseResult:
+    """Run the named purify defence with validated parameters.
+
+    ``epur`` (E-PUR options, ``{}`` for the defaults) first resets the suspect's most suspicious
+    word-embedding rows to the base (no fine-tuning), then runs ``method`` on the result: the
+    ``--epur`` composition of the E-PUR spec (§7), e.g. E-PUR + Fine-mixing.
+    """
+    defence, epur_config = build_defence(method, params, epur, have_base=inputs.base is not None)
+    epur_report = None
+    if epur_config is not None:
+        assert inputs.base is not None  # checked by build_defence
+        epur_report = apply_epur(inputs.suspect, inputs.base, inputs.clean, epur_config)
+    result = defence.purify(inputs, work_dir)
+    if epur_report is not None:
+        result.report = {"epur_first": epur_report, **result.report}
+    return result
 
 
 class CleanSetConfig(StrictConfig):
