@@ -170,7 +170,8 @@ def run_grid(args: argparse.Namespace) -> None:
     results = out / "results.jsonl"
     cells = [(v, "never-poisoned", "none", 0.0, 0) for v in args.victims]
     cells += [(v, v, "none", 0.0, 0) for v in args.victims]
-    cells += [(v, v, m, f, s) for v in args.victims for f in args.fractions for m in args.methods for s in args.seeds]
+    # every victim at the smallest clean set first, so an interrupted run still covers all attacks
+    cells += [(v, v, m, f, s) for f in args.fractions for v in args.victims for m in args.methods for s in args.seeds]
     for victim, model, method, fraction, seed in cells:
         params = "" if method == "none" else args.params
         if (victim, model, method, fraction, seed, params) in _done(results):

@@ -129,7 +129,8 @@ def train(
     data: Annotated[Optional[str], typer.Option(help="training data: folder or name (clean or poisoned)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    defense: Annotated[Optional[str], typer.Option(help="training-time defence: none")] = None,
+    defense: Annotated[Optional[str], typer.Option(help="training-time defence: none (full fine-tuning), lora, "
+                                                   "musclelora")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
@@ -137,16 +138,19 @@ def train(
     max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="checkpoint every N steps (a rerun resumes)")] = None,
+    param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
-    """Fine-tune a model on a (possibly poisoned) dataset; checkpoints chosen on clean dev accuracy."""
+    """Fine-tune a model on a (possibly poisoned) dataset, optionally through a training-time defence
+    (--defense musclelora; -p sets its options, e.g. -p reference_size=64); epochs chosen on clean dev accuracy."""
     from unbackdoor.commands import TrainCommand, run_train
 
     flags = _flags(data=data, model=model, out=out, defense=defense, train__epochs=epochs, train__learning_rate=lr,
                    train__batch_size=batch_size, train__seed=seed, train__checkpoint_every=checkpoint_every,
-                   max_train=max_train, max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+                   defense_params=_parse_params(param), max_train=max_train, max_length=max_length,
+                   allow_pickle=allow_pickle, overwrite=overwrite)
     record = run_train(_command_config(TrainCommand, config, flags))
     typer.echo(_metrics_line(record["metrics"]) + f" -> {out or record['config']['out']}")
 
@@ -216,6 +220,46 @@ def scan_cmd(
                    f"drift {row['drift']:.4g}  freq {'-' if row['freq'] is None else format(row['freq'], 'g')}{mark}")
     names = ", ".join(t["token"] for t in record["standing_out"]) or "nothing"
     typer.echo(f"stands out: {names} ({record['standing_out_rule']}) -> {record['config']['out']}")
+
+
+analyze_app = typer.Typer(help="Analyses of how models learn backdoors.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
+
+
+@analyze_app.command(name="frequency")
+def frequency_cmd(
+    data: Annotated[Optional[str], typer.Option(help="poisoned data folder (from unbackdoor attack)")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for JSON, CSV and PNG")] = None,
+    methods: Annotated[Optional[str], typer.Option(help="training defences compared, comma-separated "
+                                                   "(default none,lora,musclelora)")] = None,
+    every: Annotated[Optional[int], typer.Option(help="record every N optimizer steps (default 5)")] = None,
+    max_rows: Annotated[Optional[int], typer.Option(help="rows per probe set (default 256)")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="epochs (every method)")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (every method)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="batch size (every method)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="training seed (every method)")] = None,
+    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Record how fast plain fine-tuning, LoRA and MuScleLoRA fit the clean and the backdoor mapping in
+    low- and high-frequency bands (frequency.json, frequency.csv, frequency.png)."""
+    from unbackdoor.commands import FrequencyCommand, run_frequency
+
+    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
+    params = _merge(_flags(methods=method_list, every=every, max_rows=max_rows, train__epochs=epochs,
+                           train__learning_rate=lr, train__batch_size=batch_size, train__seed=seed),
+                    _parse_params(param))
+    flags = _flags(data=data, model=model, out=out, params=params, max_train=max_train, max_length=max_length,
+                   allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_frequency(_command_config(FrequencyCommand, config, flags))
+    for method, m in record["metrics"].items():
+        typer.echo(f"{method}: {_metrics_line(m)}")
+    typer.echo(f"-> {record['config']['out']}")
 
 
 @app.command(name="eval")

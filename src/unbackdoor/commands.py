@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field
 
@@ -26,16 +26,16 @@ from unbackdoor.pipeline import (
     CleanSetConfig,
     build_defence,
     attack_task,
+    build_train_defence,
     draw_clean_set,
     evaluate_on,
     load_for_training,
     purify,
     subsample_poisoned,
     subsample_task,
-    victim_train_config,
 )
 from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.loop import train_classifier
+from unbackdoor.training.defense import TrainInputs
 from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
 
 logger = logging.getLogger(__name__)
@@ -72,8 +72,11 @@ class TrainCommand(StrictConfig):
     data: str = Field(description="training data (clean or poisoned); poison flags are never used")
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output model folder")
-    defense: Literal["none"] = Field("none", description="training-time defence")
-    train: TrainConfig = Field(default_factory=victim_train_config)
+    defense: str = Field("none", description="training-time defence: none (full fine-tuning), lora, musclelora")
+    defense_params: dict[str, Any] = Field(default_factory=dict, description="defence options, e.g. mslr_scales, "
+                                           "reference_size (unbackdoor.musclelora.MuscleLoraConfig)")
+    train: TrainConfig | None = Field(None, description="training-loop settings; keys given override the defence's "
+                                      "defaults (none: victim defaults; lora/musclelora: the spec's per-family ones)")
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved format, else 128)")
     allow_pickle: bool = False
@@ -82,22 +85,31 @@ class TrainCommand(StrictConfig):
 
 def run_train(cmd: TrainCommand) -> dict[str, Any]:
     out = check_output_free(cmd.out, cmd.overwrite)
+    defence = build_train_defence(cmd.defense, cmd.defense_params, cmd.train)  # fail before loading anything
+    seed = cmd.train.seed if cmd.train is not None else TrainConfig().seed
     data = load_any(cmd.data)
     if isinstance(data, PoisonedTask):
-        data = subsample_poisoned(data, cmd.max_train, cmd.train.seed)
+        data = subsample_poisoned(data, cmd.max_train, seed)
         rows, dev = data.train, data.clean.dev  # the trainer gets rows only, never the flags
     else:
-        data = subsample_task(data, cmd.max_train, cmd.train.seed)
+        data = subsample_task(data, cmd.max_train, seed)
         rows, dev = data.train, data.dev
-    clf = load_for_training(cmd.model, rows, cmd.train, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
+    clf = load_for_training(cmd.model, rows, TrainConfig(seed=seed), allow_pickle=cmd.allow_pickle,
+                            max_length=cmd.max_length)
+    inputs = TrainInputs(clf, rows, dev)
+    defence.check(inputs)
+    train_config = defence.train_config(clf)
     with atomic_output_dir(out, cmd.overwrite) as work:
-        result = train_classifier(clf, rows, cmd.train, dev=dev, work_dir=work / WORK_SUBDIR)
+        result = defence.fit(inputs, work_dir=work / WORK_SUBDIR)
+        clf = result.model
         metrics = evaluate_on(clf, data, name=str(out))
+        role = ("victim" if cmd.defense == "none" else "defended") if isinstance(data, PoisonedTask) else "model"
         record = provenance_record(
-            clf, title=f"fine-tuned on {cmd.data}", role="victim" if isinstance(data, PoisonedTask) else "model",
-            base=cmd.model or "all-MiniLM-L6-v2", data=data_reference(cmd.data), defense=cmd.defense,
-            attack=_attack_summary(data), config=cmd.model_dump(), seed=cmd.train.seed,
-            training=result.to_dict(), metrics=_metric_summary(metrics),
+            clf, title=f"trained on {cmd.data} (defence: {cmd.defense})", role=role,
+            base=cmd.model or "all-MiniLM-L6-v2", data=data_reference(cmd.data), defense=result.report,
+            attack=_attack_summary(data),
+            config={**cmd.model_dump(), "train": train_config.model_dump()}, seed=train_config.seed,
+            training=result.training.to_dict(), metrics=_metric_summary(metrics),
         )
         shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
         save_classifier(clf, work, record)
@@ -196,6 +208,40 @@ def run_scan(cmd: ScanCommand) -> dict[str, Any]:
     with atomic_output_dir(out, cmd.overwrite) as work:
         write_scan_outputs(report, work, produced_by)
     return {**produced_by, **report.to_dict()}
+
+
+# ----------------------------------------------------------------------------- analyze frequency
+class FrequencyCommand(StrictConfig):
+    data: str = Field(description="poisoned data (from unbackdoor attack): training rows + triggered dev set")
+    model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
+    out: str = Field(description="output folder (frequency.json, frequency.csv, frequency.png)")
+    params: dict[str, Any] = Field(default_factory=dict, description="analysis options "
+                                   "(unbackdoor.musclelora.frequency.FrequencyConfig)")
+    max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
+    max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
+    """Validate, then train every method on the same poisoned rows and record band errors."""
+    from unbackdoor.musclelora.frequency import FrequencyConfig, analyze_frequency, build_methods, write_frequency_outputs
+
+    out = check_output_free(cmd.out, cmd.overwrite)
+    config = build_config(FrequencyConfig, cmd.params, "frequency analysis params")
+    build_methods(config)  # unknown methods or options fail here
+    data = load_any(cmd.data)
+    if not isinstance(data, PoisonedTask):
+        raise UnbackdoorError(f"{cmd.data}: frequency analysis needs poisoned data (made by `unbackdoor attack`)")
+    seed = config.train.seed if config.train is not None else TrainConfig().seed
+    data = subsample_poisoned(data, cmd.max_train, seed)
+    watch = Stopwatch()
+    analysis = analyze_frequency(cmd.model, data, config, max_length=cmd.max_length, allow_pickle=cmd.allow_pickle)
+    produced_by = {"config": cmd.model_dump(), "analysis_config": config.model_dump(mode="json"),
+                   "data": data_reference(cmd.data), "wall_time_s": watch.elapsed()}
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        write_frequency_outputs(analysis, work, produced_by)
+    return {**produced_by, **analysis}
 
 
 # ----------------------------------------------------------------------------- eval

@@ -22,17 +22,13 @@ from unbackdoor.errors import ConfigError
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.epur import EpurConfig, apply_epur
 from unbackdoor.evaluate import EvalResult, evaluate_classifier
+import unbackdoor.musclelora  # noqa: F401 - registers the lora and musclelora training defences
 from unbackdoor.models.loading import Classifier, load_classifier
-from unbackdoor.training.config import TrainConfig
+from unbackdoor.training.config import TrainConfig, victim_train_config  # noqa: F401 - re-exported
+from unbackdoor.training.defense import TRAIN_DEFENSES, TrainDefense, given_keys
 from unbackdoor.training.loop import TrainResult, check_trainable, train_classifier
 
 logger = logging.getLogger(__name__)
-
-
-def victim_train_config() -> TrainConfig:
-    """[RECON] Full fine-tuning defaults for MiniLM-sized encoders on a few thousand rows
-    (lr 1e-4: all-MiniLM-L6-v2 barely moves at BERT's usual 2e-5 in 3 epochs)."""
-    return TrainConfig(epochs=3, batch_size=32, learning_rate=1e-4)
 
 
 def subsample_task(task: Task, max_train: int | None, seed: int) -> Task:
@@ -107,6 +103,14 @@ def build_defence(method: str, params: dict[str, Any], epur: dict[str, Any] | No
     if not have_base:
         raise ConfigError("--epur needs the suspect's clean pre-trained base model: give --base")
     return defence, build_config(EpurConfig, {**epur, "finetune": False}, "E-PUR (--epur) params")
+
+
+def build_train_defence(name: str, params: dict[str, Any], train: TrainConfig | None = None) -> TrainDefense:
+    """Validate a train-time defence request before any work. ``train`` (e.g. from ``--lr``) overrides
+    the keys it sets on top of ``params["train"]``; keys nobody sets keep the defence's defaults."""
+    cls = TRAIN_DEFENSES.get(name)
+    values = {**params, "train": {**(params.get("train") or {}), **given_keys(train)}}
+    return cls(build_config(cls.config_class, values, f"training defence {name}"))
 
 
 def purify(method: str, params: dict[str, Any], inputs: PurifyInputs, work_dir: Path | None = None,

@@ -18,6 +18,14 @@ from unbackdoor.training.config import TrainConfig
 from unbackdoor.training.loop import train_classifier
 
 
+CLEAN_FT_LEARNING_RATE = 1e-4
+"""[RECON, measured] Peak lr of every purify defence's clean fine-tuning. The specs' 2e-5 is
+BERT-base's; all-MiniLM-L6-v2 (the default base, whose victims are trained at 1e-4) barely moves
+at 2e-5 on a 1% clean set: on the MiniLM BadNets clean-label victim, Fine-mixing (ρ 0.5) left
+ASR at 99.6% with lr 2e-5 and 75.9% with 1e-4, CACC 87.5 vs 88.6 (docs/results/purify.md,
+pilot rows). For BERT-base models pass ``train.learning_rate=2e-5``."""
+
+
 def aligned_parameters(suspect: Classifier, base: Classifier) -> Iterator[tuple[str, torch.nn.Parameter, torch.Tensor]]:
     """(name, suspect parameter, base tensor) for every parameter the base also has, by name.
 

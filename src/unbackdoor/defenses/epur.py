@@ -25,7 +25,7 @@ Provenance of each choice (spec §9/§10):
 * [RECON] (ours): ``f_min`` (the spec's 20, but ``"auto"`` lowers it for small sources, below),
   ``score="residual"`` and its fit, ``freq_source`` (``auto``/``table``/``clean``/``vocab_rank``),
   the small-source warning, table validation, ``finetune=True`` with Fine-mixing's fine-tuning
-  (lr 2e-5, 5 epochs, batch 32, held-out 20 %), the optional held-out search over ``n_reset``,
+  (lr 1e-4 for MiniLM, 5 epochs, batch 32, held-out 20 %), the optional held-out search over ``n_reset``,
   and ``decay_tol``: rows whose change is only AdamW's global weight-decay shrink (e^B = c·e^pre,
   the same c for all such rows) received no gradient and are treated like the spec's Δ = 0 rows
   (never flagged, left out of the residual fit). Set ``decay_tol=0`` for the spec's literal rule.
@@ -56,6 +56,7 @@ from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.common import finetune_with_selection
+from unbackdoor.defenses.fine_mixing import fine_mixing_train_config
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.training.config import TrainConfig
@@ -71,15 +72,6 @@ WORD_PREFIXES = ("##", "Ġ", "▁")
 BRACKETED = re.compile(r"^(\[.*\]|<.*>)$")
 UNUSED_SLOT = re.compile(r"^(\[unused\d+\]|<unused\d+>|<extra_id_\d+>)$")
 ScoreName = Literal["ratio", "residual"]
-
-
-def epur_train_config() -> TrainConfig:
-    """[RECON] Fine-mixing's clean fine-tuning (fine-mixing.md §6): lr 2e-5, batch 32, 5 epochs.
-
-    The spec breaks ties in held-out accuracy by lower loss; the loop offers first/last only, so
-    ties keep the last epoch (as :func:`unbackdoor.defenses.finetune.small_set_train_config`).
-    """
-    return TrainConfig(epochs=5, batch_size=32, learning_rate=2e-5, selection_ties="last")
 
 
 class EpurScoring(StrictConfig):
@@ -135,7 +127,7 @@ class EpurConfig(EpurScoring):
                                                  "clean data: the largest with accuracy drop <= max_heldout_drop [RECON]")
     max_heldout_drop: float = Field(0.01, ge=0, le=1, description="n_reset_grid: tolerated held-out accuracy drop")
     finetune: bool = Field(True, description="clean fine-tuning after the reset (spec §7 'alone'); False = bare reset")
-    train: TrainConfig = Field(default_factory=epur_train_config, description="fine-tuning settings")
+    train: TrainConfig = Field(default_factory=fine_mixing_train_config, description="fine-tuning settings")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out for selection "
                                     "and for the before/after-reset accuracy check")
 

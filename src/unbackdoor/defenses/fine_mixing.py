@@ -24,7 +24,8 @@ Faithful vs. ours:
 * groups (all four) and ``head=keep``: [RECON], low;
 * ``selection=drift`` (reset the largest |δ|): [MEM, low] ablation;
 * ``rho_mode=search`` (smallest ρ within τ of θ_B's held-out accuracy), its grid and τ: [RECON];
-* fine-tuning lr 2e-5, batch 32, 5 epochs, 8:2 split: [CODE]/[3P-MBD] values, their use here [RECON].
+* fine-tuning batch 32, 5 epochs, 8:2 split: [CODE]/[3P-MBD] values, their use here [RECON]; lr 1e-4 for
+  MiniLM (measured; the spec's 2e-5 is BERT-base's), see ``CLEAN_FT_LEARNING_RATE``.
 
 Mixing alone does not clean the embedding rows of rare trigger tokens (they get no gradient from
 clean data): pair with E-PUR against rare-word and embedding attacks (spec §10.4).
@@ -51,7 +52,7 @@ from unbackdoor.config import StrictConfig
 from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
-from unbackdoor.defenses.common import aligned_parameters, finetune_with_selection
+from unbackdoor.defenses.common import CLEAN_FT_LEARNING_RATE, aligned_parameters, finetune_with_selection
 from unbackdoor.errors import ConfigError, ModelError
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.training.config import TrainConfig
@@ -371,10 +372,12 @@ def mix_weights(
 
 
 def fine_mixing_train_config() -> TrainConfig:
-    """Spec §6: AdamW lr 2e-5 [CODE lancopku/Embedding-Poisoning run.sh], batch 32 (= min(32, n_fit)
-    in effect), 5 epochs [3P-MBD]; trainer defaults otherwise [RECON]. The spec breaks accuracy ties
-    by held-out loss; the loop cannot yet, so ties keep the last epoch (as ``finetune`` does)."""
-    return TrainConfig(epochs=5, batch_size=32, learning_rate=2e-5, selection_ties="last")
+    """Spec §6: AdamW, batch 32 (= min(32, n_fit) in effect), 5 epochs [3P-MBD]; trainer defaults
+    otherwise [RECON]. lr: the spec's 2e-5 [CODE lancopku/Embedding-Poisoning run.sh] is for
+    BERT-base; the default here is :data:`~unbackdoor.defenses.common.CLEAN_FT_LEARNING_RATE`
+    (1e-4, measured on MiniLM). The spec breaks accuracy ties by held-out loss; the loop cannot
+    yet, so ties keep the last epoch (as ``finetune`` does). Also E-PUR's and Fine-purifying's."""
+    return TrainConfig(epochs=5, batch_size=32, learning_rate=CLEAN_FT_LEARNING_RATE, selection_ties="last")
 
 
 class FineMixingConfig(StrictConfig):

@@ -63,7 +63,7 @@ from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.common import aligned_parameters, finetune_with_selection
-from unbackdoor.defenses.fine_mixing import HEAD, parameter_groups, random_priorities
+from unbackdoor.defenses.fine_mixing import HEAD, fine_mixing_train_config, parameter_groups, random_priorities
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.optim.fisher import FisherEstimator, FisherMode, diagonal_fisher
@@ -79,15 +79,6 @@ ParamGroup = Literal["embeddings", "layernorm", "encoder", "pooler"]
 ALL_GROUPS: tuple[ParamGroup, ...] = ("embeddings", "layernorm", "encoder", "pooler")
 POWER_BETA = {"ratio": -1.0, "drift": 0.0, "product": 1.0}  # r = δ²·(F+ε)^β (spec §5.2)
 RHO_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-
-
-def fine_purifying_train_config() -> TrainConfig:
-    """[RECON] Fine-mixing §6: all parameters, AdamW lr 2e-5, batch min(32, n_fit), 5 epochs.
-
-    The spec breaks held-out accuracy ties by lower loss; the loop offers first/last only, so ties
-    keep the *last* epoch, as ``finetune`` does (more clean fine-tuning at equal clean accuracy).
-    """
-    return TrainConfig(epochs=5, batch_size=32, learning_rate=2e-5, selection_ties="last")
 
 
 class FinePurifyingConfig(StrictConfig):
@@ -131,7 +122,7 @@ class FinePurifyingConfig(StrictConfig):
     head: Literal["keep", "reinit"] = Field(
         "keep", description="task head (no pre-trained counterpart): keep θ_B's, or score it as drift from a fresh init"
     )
-    train: TrainConfig = Field(default_factory=fine_purifying_train_config, description="clean fine-tuning settings")
+    train: TrainConfig = Field(default_factory=fine_mixing_train_config, description="clean fine-tuning settings")
     holdout_fraction: float = Field(0.2, gt=0, lt=1, description="share of the clean set held out for epoch and rho selection")
     seed: int = Field(0, description="seed of the fit/held-out split, the random indicator, sampled labels and a fresh head")
 

@@ -13,17 +13,19 @@ from pydantic import Field
 
 from unbackdoor.config import StrictConfig
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
-from unbackdoor.defenses.common import finetune_with_selection
+from unbackdoor.defenses.common import CLEAN_FT_LEARNING_RATE, finetune_with_selection
 from unbackdoor.training.config import TrainConfig
 
 
 def small_set_train_config() -> TrainConfig:
-    """[RECON] Defaults for BERT-like models on a few hundred rows: lr 2e-5, batch 16, 10 epochs.
+    """[RECON] Defaults on a few hundred clean rows: batch 16, 10 epochs, lr
+    :data:`~unbackdoor.defenses.common.CLEAN_FT_LEARNING_RATE` (1e-4 for MiniLM; 2e-5 for BERT-base).
 
     Ties in held-out accuracy keep the *last* epoch (our choice): with a tiny held-out set many
     epochs tie, and at equal clean accuracy more clean fine-tuning is the stronger defence.
     """
-    return TrainConfig(epochs=10, batch_size=16, learning_rate=2e-5, warmup_ratio=0.1, selection_ties="last")
+    return TrainConfig(epochs=10, batch_size=16, learning_rate=CLEAN_FT_LEARNING_RATE, warmup_ratio=0.1,
+                       selection_ties="last")
 
 
 class FinetuneConfig(StrictConfig):

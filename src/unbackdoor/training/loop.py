@@ -193,11 +193,15 @@ def check_trainable(clf: Classifier, data: Dataset) -> None:
         raise DataError(f"this is {kind} but the training data has {got}")
 
 
-def _run_key(clf: Classifier, data: Dataset, dev: Dataset | None, config: TrainConfig, acc: Accelerator) -> str:
-    """A fingerprint of what a run trains on and how: data rows, model, settings, world size."""
+def _run_key(clf: Classifier, data: Dataset, dev: Dataset | None, config: TrainConfig, acc: Accelerator,
+             fingerprint: Any = None) -> str:
+    """A fingerprint of what a run trains on and how: data rows, model, settings, world size, and
+    whatever else the caller says defines the run (e.g. a defence's config)."""
     digest = hashlib.sha256()
     settings = config.model_dump(exclude={"progress"})
     digest.update(json.dumps([settings, clf.source, clf.max_length, acc.num_processes], sort_keys=True).encode())
+    if fingerprint is not None:
+        digest.update(json.dumps(fingerprint, sort_keys=True, default=str).encode())
     for d in (data, dev):
         for e in d.examples if d is not None else ():
             digest.update(f"{e.id}\x00{e.text}\x00{e.text_pair}\x00{e.label}\x01".encode())
@@ -217,11 +221,13 @@ def train_classifier(
     callbacks: Sequence[Callback] = (),
     work_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
+    fingerprint: Any = None,
 ) -> TrainResult:
     """Fine-tune ``clf`` in place on ``data``; select the epoch on clean ``dev`` accuracy.
 
     With ``work_dir``, checkpoints are written there and a rerun with the same arguments resumes
-    from the latest one.
+    from the latest one. ``fingerprint`` (JSON-able: a defence's config, its reference rows) is part
+    of what a checkpoint must match to be resumed.
     """
     require_clean_dataset(data, "training data")
     if dev is not None:
@@ -244,7 +250,7 @@ def train_classifier(
     model.train()
     optimizer = _optimizer(model, config)
     scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc, _run_key(clf, data, dev, config, acc))
+    ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc, _run_key(clf, data, dev, config, acc, fingerprint))
     state = ckpt.restore(model, optimizer, scheduler) or TrainState()
     resumed_from = state.global_step if state.global_step or state.batches_done else None
     if resumed_from is not None:
