@@ -187,34 +187,65 @@ def run_grid(args: argparse.Namespace) -> None:
         print(f"done {victim} {method} {fraction} {seed}", flush=True)
 
 
+def _chosen(report: dict) -> str:
+    """What the defence chose, in a few words (ρ, rows reset, pruning ratio, epoch)."""
+    parts = []
+    if "epur_first" in report:
+        parts.append(f"E-PUR reset {report['epur_first']['n_reset']} rows")
+    if report.get("rho") is not None:
+        parts.append(f"ρ {report['rho']}")
+    if report.get("method") == "e-pur":
+        parts.append(f"{report['n_reset']} rows: " + " ".join(t["token"] for t in report["reset_tokens"][:6]) + " …")
+    if report.get("pruning_ratio") is not None:
+        parts.append(f"pruned {100 * report['pruning_ratio']:.0f}%")
+    if report.get("scope") and report.get("method") == "reinit":
+        parts.append(f"scope {report['scope']}")
+    return "; ".join(parts)
+
+
+def _table(rows: list[dict], floor: dict | None, vic: dict | None) -> list[str]:
+    lines = ["| method | clean set | CACC % | ASR % | ASR − floor | goal met | chosen | defence s | peak MB |",
+             "|---|---:|---:|---:|---:|:---:|---|---:|---:|"]
+    for r in rows:
+        label = "never-poisoned (floor)" if r is floor else ("victim (no defence)" if r is vic else r["method"])
+        if r["params"]:
+            label += f" `{r['params']}`"
+        above = 100 * (r["asr"] - floor["asr"]) if floor else float("nan")
+        met = ""
+        if floor and vic and r["method"] != "none":
+            met = "**yes**" if above <= 5 and r["cacc"] >= vic["cacc"] - 0.015 else "no"
+        size = f"{r['n_clean']} ({100 * r['fraction']:.0f}%)" if r["n_clean"] else "—"
+        lines.append(f"| {label} | {size} | {100 * r['cacc']:.1f} | {100 * r['asr']:.1f} | {above:+.1f} | {met} | "
+                     f"{_chosen(r['report'])} | {r['defense_wall_s']:.0f} | {r['peak_memory_mb']:.0f} |")
+    return lines + [""]
+
+
 def write_report(args: argparse.Namespace) -> None:
     rows = [json.loads(line) for line in (Path(args.out) / "results.jsonl").read_text().splitlines() if line.strip()]
+    order = {m: i for i, m in enumerate(METHODS + list(VARIANTS))}
     lines = ["# Purify: MiniLM victims on SST-2", "",
-             "Command: `python benchmarks/purify_grid.py run && python benchmarks/purify_grid.py report`.", "",
-             "CACC on the full clean SST-2 test split (1,821 rows); ASR on each attack's triggered non-target test "
-             "set (912 rows). Floor = a never-poisoned MiniLM trained with the victims' recipe. Goal per attack: "
-             "ASR ≤ floor + 5 points with CACC ≥ victim CACC − 1.5 points.", ""]
+             "Commands: `python benchmarks/purify_grid.py run` (trains the victims and the never-poisoned "
+             "reference once, then every victim × method × clean-set cell in its own process), "
+             "`python benchmarks/purify_grid.py scan`, `python benchmarks/purify_grid.py report`. "
+             "Pilot rows: `run --victims badnets-cleanlabel --fractions 0.01 --methods M --params JSON`.", "",
+             "Victims: all-MiniLM-L6-v2 fully fine-tuned on the poisoned SST-2 training set (6,920 rows, lr 1e-4, "
+             "batch 32, 3 epochs, best epoch on clean dev). CACC on the attack's clean test split (1,821 rows); "
+             "ASR on its triggered non-target test set. Floor = a never-poisoned MiniLM trained with the same recipe "
+             "on clean SST-2. Clean set: 1% (69 rows) or 5% (346 rows) of clean SST-2 train, seed 0, disjoint from "
+             "dev/test; each defence holds out 20% of it for its own choices. Goal per attack: ASR ≤ floor + 5 "
+             "points with CACC ≥ victim CACC − 1.5 points. Defaults unless params are shown. One seed; CPU "
+             "(2 cores, shared with other cells), so times are indicative.", ""]
     for victim in dict.fromkeys(r["victim"] for r in rows):
         mine = [r for r in rows if r["victim"] == victim]
         floor = next((r for r in mine if r["model"] == "never-poisoned"), None)
         vic = next((r for r in mine if r["model"] == victim and r["method"] == "none"), None)
+        defaults = sorted((r for r in mine if r["method"] != "none" and not r["params"]),
+                          key=lambda r: (r["fraction"], order.get(r["method"], 99)))
+        pilots = [r for r in mine if r["method"] != "none" and r["params"]]
         lines += [f"## {victim} (`{VICTIMS[victim]}`)", ""]
-        lines += ["| method | clean set | CACC % | ASR % | ASR − floor | goal met | defence s | peak MB |",
-                  "|---|---:|---:|---:|---:|:---:|---:|---:|"]
-        for r in [floor, vic] + [r for r in mine if r["method"] != "none"]:
-            if r is None:
-                continue
-            label = "never-poisoned (floor)" if r is floor else ("victim (no defence)" if r is vic else r["method"])
-            if r["params"]:
-                label += f" `{r['params']}`"
-            above = 100 * (r["asr"] - floor["asr"]) if floor else float("nan")
-            met = ""
-            if floor and vic and r["method"] != "none":
-                met = "yes" if above <= 5 and r["cacc"] >= vic["cacc"] - 0.015 else "no"
-            size = f"{r['n_clean']} ({100 * r['fraction']:.0f}%)" if r["n_clean"] else "—"
-            lines.append(f"| {label} | {size} | {100 * r['cacc']:.1f} | {100 * r['asr']:.1f} | {above:+.1f} | {met} | "
-                         f"{r['defense_wall_s']:.0f} | {r['peak_memory_mb']:.0f} |")
-        lines.append("")
+        lines += _table([r for r in (floor, vic) if r is not None] + defaults, floor, vic)
+        if pilots:
+            lines += ["Pilot and variants (1% clean set):", ""] + _table(pilots, floor, vic)
     if (Path(args.out) / "scans").is_dir():
         lines += scan_lines(Path(args.out))
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ Steps (spec §4), one function each:
 1. **Align** θ_B and θ_pre by name and shape (:func:`scored_tensors`);
 3. **Fisher** F on the clean fit split at θ_B, or along θ_pre → θ_B (:func:`clean_fisher`);
 4. **Indicator** r_i per dimension (:func:`indicator_values`), δ from :func:`parameter_drift`;
-5. **Select** the d − ⌈ρ·d⌉ highest r_i, globally or per tensor (:func:`reset_masks`);
+5. **Select** the d − ⌈ρ·d⌉ highest r_i per tensor (default, measured on MiniLM) or globally
+   (the spec's [RECON] default) (:func:`reset_masks`);
 6. **Purify**: θ_i = θ_pre,i on the selected dimensions, θ_B,i elsewhere (:func:`apply_reset`);
 7. **Fine-tune** on clean data with held-out epoch selection (``finetune_with_selection``);
 8. **Report**: indicator, ε, ρ, dims reset, their spread over tensors and layers
@@ -106,7 +107,10 @@ class FinePurifyingConfig(StrictConfig):
         "ft", description="where F is estimated: ft = at θ_B; path = mean over points on θ_pre → θ_B (θ_B's head)"
     )
     path_points: int = Field(3, ge=2, description="points α ∈ linspace(0, 1) on the path for h_point=path")
-    scope: Scope = Field("global", description="rank all scored dimensions together, or reset the same share per tensor")
+    scope: Scope = Field("per_tensor", description="reset the same share of every tensor (default: measured on "
+                         "MiniLM, where global ranking spends the budget on F=0 embedding rows: ASR 99.5% vs 72.7% "
+                         "per tensor on the BadNets clean-label victim, 1% clean set), or rank all dimensions together "
+                         "(global, the spec's [RECON] default)")
     rho: float = Field(0.5, ge=0, le=1, description="kept share of suspect weights as in Fine-mixing; reset fraction = 1 − rho")
     rho_mode: Literal["fixed", "search"] = Field(
         "fixed", description="use rho, or pick the smallest rho from rho_grid that keeps held-out clean accuracy"
