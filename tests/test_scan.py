@@ -72,7 +72,8 @@ def test_fine_purifying_hook_and_weight_drift(planted) -> None:  # noqa: ANN001
     assert all(m.relative_drift is None or m.relative_drift >= 0 for m in report.matrices)
     default = scan(victim, base, planted.clean).fine_purifying  # Fine-purifying's indicator, top 1 %
     n_dims = sum(p.numel() for p in victim.model.parameters())
-    assert default["computed"] and default["indicator"] == "fine-purifying (default)"
+    assert default["computed"] and default["indicator"].startswith("fine-purifying (default")
+    assert not any("word_embeddings" in m["name"] for m in default["matrices"])  # the token table covers those
     assert 0 < default["top"] <= n_dims // 100 and sum(r["count"] for r in default["layers"]) == default["top"]
     assert scan(victim, base, None).fine_purifying["computed"] is False  # no labelled clean data, no Fisher
 

@@ -195,11 +195,15 @@ def top_dimension_summary(indicator: Mapping[str, torch.Tensor], top: int) -> di
 
 
 def fine_purifying_indicator(suspect: Classifier, base: Classifier, clean: Dataset | None) -> Mapping[str, torch.Tensor]:
-    """Fine-purifying's default per-dimension indicator (needs labelled clean data)."""
-    from unbackdoor.defenses.fine_purifying import score_dimensions
+    """Fine-purifying's default per-dimension indicator (needs labelled clean data), over every
+    tensor but the word embeddings: the token table covers those, and with a small clean set their
+    rows mostly have F = 0, so a global top 1 % would be embedding rows and nothing else (measured
+    on MiniLM victims)."""
+    from unbackdoor.defenses.fine_purifying import FinePurifyingConfig, score_dimensions
 
     assert clean is not None
-    return score_dimensions(suspect, base, clean).scores
+    config = FinePurifyingConfig(groups=("layernorm", "encoder", "pooler"))
+    return score_dimensions(suspect, base, clean, config).scores
 
 
 def dimension_summary(suspect: Classifier, base: Classifier, clean: Dataset | None,
@@ -213,7 +217,7 @@ def dimension_summary(suspect: Classifier, base: Classifier, clean: Dataset | No
     total = sum(t.numel() for t in scores.values())
     summary = top_dimension_summary(scores, top if top is not None else max(1, total // 100))
     if indicator is fine_purifying_indicator:
-        summary["indicator"] = "fine-purifying (default)"
+        summary["indicator"] = "fine-purifying (default; word embeddings excluded)"
     return summary
 
 
