@@ -235,6 +235,9 @@ def write_report(args: argparse.Namespace) -> None:
              "dev/test; each defence holds out 20% of it for its own choices. Goal per attack: ASR ≤ floor + 5 "
              "points with CACC ≥ victim CACC − 1.5 points. Defaults unless params are shown. One seed; CPU "
              "(2 cores, shared with other cells), so times are indicative.", ""]
+    notes = Path(__file__).with_name("purify_notes.md")  # the reading of these tables, written by hand
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").strip(), ""]
     for victim in dict.fromkeys(r["victim"] for r in rows):
         mine = [r for r in rows if r["victim"] == victim]
         floor = next((r for r in mine if r["model"] == "never-poisoned"), None)
