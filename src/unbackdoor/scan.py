@@ -26,7 +26,6 @@ import csv
 import io
 import logging
 import os
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from unbackdoor import __version__
 from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.common import aligned_parameters
 from unbackdoor.defenses.epur import EpurScoring, TokenScores, frequency_summary, ratio_scores, score_tokens
+from unbackdoor.defenses.fine_mixing import layer_index
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.outputs import write_json
 
@@ -50,7 +50,6 @@ DimensionIndicator = Callable[[Classifier, Classifier, "Dataset | None"], Mappin
 SCAN_FILES = ("scan.json", "scan.md", "token_scores.csv", "drift_vs_frequency.png")
 NO_CLEAN_DATA = ("not computed: the Fine-purifying indicator needs labelled clean data for its Fisher "
                  "estimate (give --clean)")
-LAYER_PATTERN = re.compile(r"\.(?:layer|layers|h|block|blocks)\.(\d+)\.")
 BACKBONE_PREFIXES = ("bert", "roberta", "distilbert", "model", "transformer", "encoder")
 
 
@@ -135,9 +134,9 @@ def standing_out(scores: TokenScores, score: str, margin: float, z_thr: float) -
 # ----------------------------------------------------------------------------- weights
 def layer_of(name: str) -> str:
     """'layer N' for transformer blocks, 'embeddings', or the parameter's top-level module."""
-    match = LAYER_PATTERN.search(f".{name}.")
-    if match:
-        return f"layer {int(match.group(1))}"
+    index = layer_index(f".{name}.")
+    if index is not None:
+        return f"layer {index}"
     if "embed" in name or ".wte." in f".{name}." or ".wpe." in f".{name}.":
         return "embeddings"
     parts = name.split(".")

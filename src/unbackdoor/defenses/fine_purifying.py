@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,7 +63,15 @@ from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.common import aligned_parameters, finetune_with_selection
-from unbackdoor.defenses.fine_mixing import HEAD, fine_mixing_train_config, parameter_groups, random_priorities
+from unbackdoor.defenses.fine_mixing import (
+    HEAD,
+    fine_mixing_train_config,
+    kept_count,
+    parameter_groups,
+    random_priorities,
+    restore_state,
+    snapshot_state,
+)
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.optim.fisher import FisherEstimator, FisherMode, diagonal_fisher
@@ -338,7 +345,7 @@ def score_dimensions(
 def n_reset(size: int, rho: float) -> int:
     """d − ⌈ρ·d⌉ dimensions to reset (ρ = kept share), exact for decimal ρ (0.3 · 10 keeps 3, not 4),
     the same count as Fine-mixing's ``kept_count``."""
-    return size - min(size, math.ceil(Fraction(repr(float(rho))) * size))
+    return size - kept_count(rho, size)
 
 
 def _top_k_mask(flat: torch.Tensor, k: int) -> torch.Tensor:
@@ -453,10 +460,6 @@ def top_dimensions_by_layer(scores: DimensionScores, *, fraction: float = 0.01, 
 
 
 # --------------------------------------------------------------------------- ρ search (spec §8)
-def _snapshot(clf: Classifier) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in clf.model.state_dict().items()}
-
-
 def search_rho(
     suspect: Classifier,
     clean: Dataset,
@@ -472,14 +475,14 @@ def search_rho(
     """
     require_clean_dataset(clean, "the rho search's clean data")
     _, held_out = holdout_split(clean, config.holdout_fraction, config.seed)
-    original = _snapshot(suspect)
+    original = snapshot_state(suspect.model)
     suspect_accuracy = evaluate_accuracy(suspect, held_out)
     floor = suspect_accuracy - config.rho_tolerance - 1e-12  # float guard, as Fine-mixing's search
     trials: list[dict[str, Any]] = []
     chosen: float | None = None
     ft_report: dict[str, Any] | None = None
     for rho in sorted(set(config.rho_grid)):
-        suspect.model.load_state_dict(original)
+        restore_state(suspect.model, original)
         apply_reset(suspect, scores.reference, reset_masks(scores.scores, rho, config.scope))
         if config.rho_criterion == "after_ft":
             ft_report = finetune_with_selection(suspect, clean, config.train, holdout_fraction=config.holdout_fraction,
@@ -500,7 +503,7 @@ def search_rho(
                        config.rho_tolerance, chosen)
     keep_state = qualified and config.rho_criterion == "after_ft"
     if not keep_state:
-        suspect.model.load_state_dict(original)
+        restore_state(suspect.model, original)
         ft_report = None
     record = {"criterion": config.rho_criterion, "tolerance": config.rho_tolerance, "n_held_out": len(held_out),
               "suspect_held_out_accuracy": suspect_accuracy, "trials": trials, "qualified": qualified, "chosen": chosen}
