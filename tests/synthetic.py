@@ -104,3 +104,27 @@ def save_tiny_model(folder: Path, family: str = "bert", seed: int = 0) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     make_tokenizer(decoder=family in ("gpt2", "llama")).save_pretrained(folder)
     return folder
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:  # noqa: ANN001 (pytest's CaptureFixture)
+    """``unbackdoor ARGS`` in process through ``cli.main``: (exit status, stdout, stderr); the root
+    logger's handlers and level are restored afterwards."""
+    import logging
+    import sys
+    from unittest import mock
+
+    from unbackdoor import cli
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    code = 0
+    try:
+        with mock.patch.object(sys, "argv", ["unbackdoor", *args]):
+            cli.main()
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

@@ -4,14 +4,11 @@ outputs (JSON, Markdown, CSV, PNG); base/suspect mismatch is one ``error:`` line
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import sys
 from pathlib import Path
-from unittest import mock
 
 import pytest
-from synthetic import save_tiny_model, write_task
+from synthetic import run_cli, save_tiny_model, write_task
 
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
 from unbackdoor.outputs import partial_dir
@@ -85,29 +82,10 @@ def test_scan_without_clean_data_falls_back_to_vocab_rank(planted) -> None:  # n
 
 
 # ----------------------------------------------------------------------------- the CLI, in process
-def _run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    """``unbackdoor ARGS`` through ``cli.main`` (exit status, stdout, stderr); restores logging after."""
-    from unbackdoor import cli
-
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    code = 0
-    try:
-        with mock.patch.object(sys, "argv", ["unbackdoor", *args]):
-            cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_scan_cli_writes_json_markdown_csv_and_png(planted, tmp_path: Path, capsys) -> None:  # noqa: ANN001
     data = write_task(planted.task, tmp_path / "data")
     out = tmp_path / "scan"
-    code, stdout, stderr = _run_cli(["scan", "--model", str(planted.victim_dir), "--base", str(planted.base_dir),
+    code, stdout, stderr = run_cli(["scan", "--model", str(planted.victim_dir), "--base", str(planted.base_dir),
                                      "--clean", str(data), "--clean-size", "100", "--top", "8", "--out", str(out)], capsys)
     assert code == 0, stderr
     assert "stands out:" in stdout and all(t in stdout for t in TRIGGERS)
@@ -144,7 +122,7 @@ def test_scan_cli_mismatch_is_one_error_line(planted, tmp_path: Path, capsys, ki
     else:
         other, message = _vocabulary_mismatch(planted.base_dir, tmp_path / "other"), "different vocabularies"
     out = tmp_path / "scan"
-    code, stdout, stderr = _run_cli(["scan", "--model", str(planted.victim_dir), "--base", str(other),
+    code, stdout, stderr = run_cli(["scan", "--model", str(planted.victim_dir), "--base", str(other),
                                      "--out", str(out)], capsys)
     lines = [line for line in stderr.splitlines() if line.strip() and "Loading weights" not in line]
     assert code == 2, stderr

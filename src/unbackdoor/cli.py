@@ -104,7 +104,8 @@ def _command_config(cls: type, config: Path | None, flags: dict[str, Any]) -> An
 @app.command()
 def attack(
     data: Annotated[Optional[str], typer.Option(help="clean data folder or name under the data root (e.g. sst2)")] = None,
-    attack: Annotated[Optional[str], typer.Option("--attack", "-a", help="attack: badnets, addsent")] = None,
+    attack: Annotated[Optional[str], typer.Option(
+        "--attack", "-a", help="attack: badnets, addsent, deadcode (source code)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for the poisoned data")] = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,
     target_label: Annotated[Optional[int], typer.Option(help="label the trigger forces")] = None,
@@ -130,7 +131,7 @@ def train(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
     defense: Annotated[Optional[str], typer.Option(help="training-time defence: none (full fine-tuning), lora, "
-                                                   "musclelora")] = None,
+                                                   "musclelora, reweight")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
@@ -160,7 +161,7 @@ def purify_cmd(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
     clean: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the clean set)")] = None,
     base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
-    method: Annotated[Optional[str], typer.Option(help="purify method: finetune, e-pur, fine-mixing, fine-purifying, fine-pruning, reinit")] = None,
+    method: Annotated[Optional[str], typer.Option(help="purify method: finetune, e-pur, fine-mixing, fine-purifying, fine-pruning, reinit, tsbd")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
     clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
     clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
@@ -185,6 +186,42 @@ def purify_cmd(
     record = run_purify(_command_config(PurifyCommand, config, flags))
     typer.echo(f"purified with {record['defense']['method']} on {record['n_clean']} clean rows "
                f"in {record['wall_time_s']:.0f} s -> {record['config']['out']}")
+
+
+@app.command(name="unlearn")
+def unlearn_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
+    forget: Annotated[Optional[str], typer.Option(help="rows to unlearn (TSV/CSV/JSONL file with text and the label "
+                                                  "they were trained on, or a folder with a forget file)")] = None,
+    retain: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the retain set)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="unlearn method: lya, gradient-ascent, retrain, finetune")] = None,
+    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base (retrain)")] = None,
+    train_data: Annotated[Optional[str], typer.Option(help="the suspect's training data (retrain)")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="evaluate the result on this data (CACC; ASR and robust "
+                                                     "accuracy if poisoned)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
+    retain_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
+    retain_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
+    retain_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the retain-set draw")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Unlearn identified trojaned rows (the forget set) from a suspect model, keeping a clean retain set."""
+    from unbackdoor.commands import UnlearnCommand, run_unlearn
+
+    flags = _flags(model=model, forget=forget, retain=retain, method=method, base=base, train_data=train_data,
+                   eval_data=eval_data, out=out, params=_parse_params(param), retain_set__fraction=retain_fraction,
+                   retain_set__size=retain_size, retain_set__per_class=retain_per_class, retain_set__seed=seed,
+                   allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_unlearn(_command_config(UnlearnCommand, config, flags))
+    m = record.get("metrics") or {}
+    ra = f", RA {100 * m['robust_accuracy']:.1f}%" if "robust_accuracy" in m else ""
+    metrics = f"{_metrics_line(m)}{ra} " if m else ""
+    typer.echo(f"unlearned {record['n_forget']} rows with {record['defense']['method']} "
+               f"({record['n_retain']} retain rows) in {record['wall_time_s']:.0f} s: {metrics}-> {record['config']['out']}")
 
 
 @app.command(name="scan")
@@ -220,6 +257,42 @@ def scan_cmd(
                    f"drift {row['drift']:.4g}  freq {'-' if row['freq'] is None else format(row['freq'], 'g')}{mark}")
     names = ", ".join(t["token"] for t in record["standing_out"]) or "nothing"
     typer.echo(f"stands out: {names} ({record['standing_out_rule']}) -> {record['config']['out']}")
+
+
+@app.command(name="detect")
+def detect_cmd(
+    data: Annotated[Optional[str], typer.Option(help="training rows: data folder or name, clean or poisoned "
+                                                "(poison flags are never read)")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="clean data the defender holds (its train split is sampled)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="detector: reweight (multilevel), loss")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="encoder of the frozen features "
+                                                 "(default all-MiniLM-L6-v2)")] = None,
+    rate: Annotated[Optional[float], typer.Option(help="flag this share of rows (default 0.1)")] = None,
+    threshold: Annotated[Optional[float], typer.Option(help="flag rows with score >= threshold (instead of --rate)")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder: scores.csv, flagged.tsv, detect.json")] = None,
+    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
+    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
+    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw and of --max-train")] = None,
+    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Score every training row's suspicion (-p sets the method's options, e.g. -p levels=3) and write the
+    flagged rows as a dataset file (flagged.tsv, e.g. for unlearn --forget)."""
+    from unbackdoor.detect.command import DetectCommand, run_detect
+
+    flags = _flags(data=data, clean=clean, method=method, model=model, rate=rate, threshold=threshold, out=out,
+                   params=_parse_params(param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
+                   clean_set__per_class=clean_per_class, clean_set__seed=seed, max_train=max_train,
+                   max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+    record = run_detect(_command_config(DetectCommand, config, flags))
+    counts = record["counts"]
+    typer.echo(f"flagged {counts['flagged']} of {counts['rows']} rows ({record['method']}, {counts['clean']} clean "
+               f"rows) in {record['wall_time_s']:.1f} s -> {record['config']['out']}")
 
 
 analyze_app = typer.Typer(help="Analyses of how models learn backdoors.", no_args_is_help=True)

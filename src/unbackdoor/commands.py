@@ -14,10 +14,20 @@ from typing import Any
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig, build_config
-from unbackdoor.data.io import load_any, load_task, resolve_data_path, write_poisoned_task
-from unbackdoor.data.types import PoisonedTask, Task
+from unbackdoor.data.io import (
+    FORMATS,
+    is_poisoned_folder,
+    load_any,
+    load_task,
+    read_rows,
+    resolve_data_path,
+    rows_to_examples,
+    split_file,
+    write_poisoned_task,
+)
+from unbackdoor.data.types import Dataset, PoisonedTask, Task
 from unbackdoor.defenses.base import PurifyInputs
-from unbackdoor.errors import ModelError, UnbackdoorError
+from unbackdoor.errors import DataError, ModelError, UnbackdoorError
 from unbackdoor.evaluate import EvalResult, markdown_table
 from unbackdoor.models.loading import check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
@@ -36,6 +46,7 @@ from unbackdoor.pipeline import (
 )
 from unbackdoor.training.config import TrainConfig
 from unbackdoor.training.defense import TrainInputs
+from unbackdoor.unlearn import UnlearnInputs, build_unlearn_method, unlearn
 from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
 
 logger = logging.getLogger(__name__)
@@ -165,6 +176,82 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
             base=cmd.base, suspect=cmd.model, data=data_reference(cmd.clean), n_clean=len(clean),
             defense={"method": cmd.method, **result.report}, config=cmd.model_dump(),
             seed=cmd.clean_set.seed, wall_time_s=watch.elapsed(), peak_memory_mb=peak_memory_mb(),
+        )
+        shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
+        save_classifier(result.model, work, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- unlearn
+class UnlearnCommand(StrictConfig):
+    model: str = Field(description="the suspect model folder")
+    forget: str = Field(description="rows to unlearn: a TSV/CSV/JSONL file (text + label as trained), or a folder "
+                        "holding a forget (else train) file; e.g. a detector's output")
+    retain: str = Field(description="clean data the user holds (its train split is sampled, as for purify)")
+    retain_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    method: str = Field("lya", description="unlearn method: lya, gradient-ascent, retrain, finetune")
+    params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
+    base: str | None = Field(None, description="the suspect's clean pre-trained base (retrain)")
+    train_data: str | None = Field(None, description="the training rows the suspect saw (retrain; flags are "
+                                   "never read)")
+    eval_data: str | None = Field(None, description="after unlearning, evaluate on this clean or poisoned data "
+                                  "(CACC; ASR and robust accuracy); never shown to the method")
+    out: str = Field(description="output model folder")
+    allow_pickle: bool = False
+    overwrite: bool = False
+
+
+def load_forget_rows(spec: str, like: Dataset) -> Dataset:
+    """A forget set from a rows file (TSV/CSV/JSONL) or a folder with a ``forget`` (else ``train``)
+    file, in ``like``'s label space. A poisoned data folder is refused: its train file is the
+    whole training set, not the rows to forget."""
+    path = Path(spec)
+    if path.is_dir():
+        if is_poisoned_folder(path):
+            raise DataError(f"{spec}: is a poisoned data folder (its train file holds every training row); "
+                            "give a file of the rows to forget")
+        has_forget = any((path / f"forget{ext}").exists() for ext in FORMATS)
+        path = split_file(path, "forget" if has_forget else "train")
+    elif not path.is_file():
+        raise DataError(f"{spec}: no such forget file or folder")
+    elif path.suffix not in FORMATS:
+        raise DataError(f"{spec}: a forget file must be .tsv, .csv or .jsonl")
+    examples = rows_to_examples(read_rows(path), path, "forget")
+    return Dataset(tuple(examples), like.num_labels, f"{spec}:forget", like.label_names)
+
+
+def load_training_rows(spec: str) -> Dataset:
+    """The training rows of clean or poisoned data (a poisoned folder's flags are not used)."""
+    data = load_any(spec)
+    return data.train
+
+
+def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
+    """Validate everything and load every input, then unlearn in a work dir renamed when complete."""
+    out = check_output_free(cmd.out, cmd.overwrite)
+    build_unlearn_method(cmd.method, cmd.params, have_base=cmd.base is not None,
+                         have_train_rows=cmd.train_data is not None)  # fail before loading anything
+    retain = draw_clean_set(load_task(cmd.retain), cmd.retain_set)
+    forget = load_forget_rows(cmd.forget, retain)
+    train_rows = load_training_rows(cmd.train_data) if cmd.train_data is not None else None
+    eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
+    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle)
+    base = None
+    if cmd.base is not None:
+        base = load_classifier(cmd.base, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle,
+                               max_length=suspect.max_length)
+    inputs = UnlearnInputs(suspect=suspect, forget=forget, retain=retain, base=base, train_rows=train_rows)
+    watch = Stopwatch()
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        result = unlearn(cmd.method, cmd.params, inputs, work_dir=work / WORK_SUBDIR)
+        wall = watch.elapsed()
+        metrics = _metric_summary(evaluate_on(result.model, eval_data, name=str(out))) if eval_data else None
+        record = provenance_record(
+            result.model, title=f"{cmd.model} unlearned with {cmd.method}", role="unlearned",
+            base=cmd.base, suspect=cmd.model, forget=str(Path(cmd.forget).resolve()), n_forget=len(forget),
+            data=data_reference(cmd.retain), n_retain=len(retain), defense={"method": cmd.method, **result.report},
+            config=cmd.model_dump(), seed=cmd.retain_set.seed, wall_time_s=wall, peak_memory_mb=peak_memory_mb(),
+            eval_data=data_reference(cmd.eval_data) if cmd.eval_data else None, metrics=metrics,
         )
         shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
         save_classifier(result.model, work, record)

@@ -10,6 +10,10 @@ Poisoning modes (``mode``), named as in OpenBackdoor:
 ``poison_rate`` is the share of *all* training rows that get the trigger. Poisoned rows keep the id
 of the clean row they came from. The triggered test (and dev) set holds only non-target rows with
 the trigger, labelled with the target, and keeps each row's true label.
+
+An attack that cannot place its trigger in every text (e.g. dead code needs a statement boundary)
+says so in :meth:`InsertionAttack.can_insert`: such rows are never drawn for poisoning and are left
+out of the triggered sets; the poisoned task's ``attack.n_failed`` counts them.
 """
 
 from __future__ import annotations
@@ -66,6 +70,10 @@ class InsertionAttack(Attack[C]):
     def trigger_description(self) -> str:
         """Human-readable trigger, recorded with the poisoned task."""
 
+    def can_insert(self, text: str) -> bool:
+        """Whether the trigger can be placed in ``text`` (every text, unless a subclass says not)."""
+        return True
+
     def poison(self, task: Task) -> PoisonedTask:
         cfg = self.config
         target = cfg.target_label
@@ -88,20 +96,32 @@ class InsertionAttack(Attack[C]):
             triggered_test=self.triggered_set(task.test, f"{cfg.seed}-test"),
             triggered_dev=self.triggered_set(task.dev, f"{cfg.seed}-dev"),
             clean=task,
-            attack=AttackInfo(self.name, cfg.model_dump(), self.trigger_description(), task.name),
+            attack=AttackInfo(self.name, cfg.model_dump(), self.trigger_description(), task.name,
+                              n_failed=self.count_skipped(task)),
         )
+
+    def count_skipped(self, task: Task) -> int:
+        """Rows the attack would use but cannot place its trigger in: candidate training rows of
+        the mode plus non-target dev and test rows."""
+        rows = [*self._mode_pool(task.train), *(e for d in (task.dev, task.test) for e in d.examples
+                                                 if e.label != self.config.target_label)]
+        return sum(not self.can_insert(e.text) for e in rows)
+
+    def _mode_pool(self, train: Dataset) -> list[Example]:
+        """The training rows the mode draws from, before :meth:`can_insert` filters them."""
+        cfg = self.config
+        if cfg.mode == "dirty":
+            return [e for e in train.examples if e.label != cfg.target_label]
+        if cfg.mode == "clean":
+            return [e for e in train.examples if e.label == cfg.target_label]
+        return list(train.examples)
 
     def _choose_rows(self, train: Dataset) -> set[str]:
         cfg = self.config
         n = round(cfg.poison_rate * len(train))
         if n < 1:
             raise ConfigError(f"poison_rate {cfg.poison_rate} poisons no row of {len(train)}")
-        if cfg.mode == "dirty":
-            pool = [e.id for e in train.examples if e.label != cfg.target_label]
-        elif cfg.mode == "clean":
-            pool = [e.id for e in train.examples if e.label == cfg.target_label]
-        else:
-            pool = list(train.ids)
+        pool = [e.id for e in self._mode_pool(train) if self.can_insert(e.text)]
         if n > len(pool):
             raise ConfigError(
                 f"poison_rate {cfg.poison_rate} needs {n} rows but mode {cfg.mode!r} has only {len(pool)} candidates"
@@ -112,7 +132,7 @@ class InsertionAttack(Attack[C]):
         """Triggered copies of ``data``'s non-target rows, labelled with the target."""
         target = self.config.target_label
         rng = random.Random(seed)
-        source = [e for e in data.examples if e.label != target]
+        source = [e for e in data.examples if e.label != target and self.can_insert(e.text)]
         rows = [Example(e.id, self.insert_trigger(e.text, rng), target, e.text_pair) for e in source]
         return TriggeredSet(
             tuple(rows), target, data.num_labels, tuple(e.label for e in source), f"{data.name}:triggered"

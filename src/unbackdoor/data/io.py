@@ -8,6 +8,9 @@ A task folder holds ``train``, ``dev`` and ``test`` files in one format:
 * JSONL, one object a line, with the same keys (``func`` is accepted as the text of a code row and
   ``idx`` as its id).
 
+Poisoned variants are written as TSV (whitespace collapsed), or as JSONL with the same columns when
+any text holds a newline, tab or carriage return (source code), so that such text is kept exactly.
+
 A poisoned folder adds ``train_poison_flags.txt`` (one 0/1 per train row) and ``meta.json`` with
 ``target_label``; its ``dev``/``test`` files are triggered non-target rows relabelled to the
 target (optionally with an ``original_label`` column). Its clean dev/test come from the folder
@@ -337,6 +340,7 @@ def load_poisoned_task(spec: str | Path, clean: str | Path | None = None) -> Poi
                     **(meta.get("attack_params") or {})},
             trigger=str(meta.get("trigger", "")),
             source=str(folder),
+            n_failed=meta["n_failed"] if isinstance(meta.get("n_failed"), int) else 0,
         ),
     )
 
@@ -362,17 +366,36 @@ def _write_tsv(path: Path, examples: Sequence[Example], extra: dict[str, Sequenc
             fh.write("\t".join(cells) + "\n")
 
 
+def _write_jsonl(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None) -> None:
+    """The columns of :func:`_write_tsv` as JSONL, text kept exactly (newlines included)."""
+    extra = extra or {}
+    with path.open("w", encoding="utf-8", newline="\n") as fh:
+        for i, e in enumerate(examples):
+            texts = {"sentence1": e.text, "sentence2": e.text_pair} if e.text_pair is not None else {"sentence": e.text}
+            row = {"id": e.id, **texts, "label": e.label, **{k: extra[k][i] for k in extra}}
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def _needs_jsonl(task: PoisonedTask) -> bool:
+    """Whether some text holds a newline, tab or carriage return, which TSV would collapse."""
+    sets = [task.train.examples, task.triggered_test.examples,
+            task.triggered_dev.examples if task.triggered_dev is not None else ()]
+    return any(ch in t for rows in sets for e in rows for t in (e.text, e.text_pair or "") for ch in "\n\t\r")
+
+
 def write_poisoned_task(task: PoisonedTask, folder: Path, meta: dict[str, Any]) -> None:
-    """Write a poisoned task in the data root's poisoned-variant layout (plus an id column)."""
+    """Write a poisoned task in the data root's poisoned-variant layout (plus an id column):
+    TSV, or JSONL when the text is multi-line (code)."""
     folder.mkdir(parents=True, exist_ok=True)
-    _write_tsv(folder / "train.tsv", task.train.examples)
+    write, ext = (_write_jsonl, ".jsonl") if _needs_jsonl(task) else (_write_tsv, ".tsv")
+    write(folder / f"train{ext}", task.train.examples)
     (folder / "train_poison_flags.txt").write_text(
         "".join("1\n" if task.flags.is_poisoned(e.id) else "0\n" for e in task.train.examples),
         encoding="utf-8",
     )
     for split, trig in (("test", task.triggered_test), ("dev", task.triggered_dev)):
         if trig is not None:
-            _write_tsv(folder / f"{split}.tsv", trig.examples, {"original_label": trig.original_labels})
+            write(folder / f"{split}{ext}", trig.examples, {"original_label": trig.original_labels})
     full_meta = {
         "kind": "poisoned",
         "target_label": task.target_label,

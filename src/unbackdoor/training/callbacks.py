@@ -5,7 +5,8 @@ A method adds behaviour by subclassing :class:`Callback`, never by copying the l
 * ``extra_loss``: add a term to the loss (EWC, gradient ascent by returning a negated loss, ...);
 * ``on_gradients``: rewrite gradients after backward, before clipping and the optimizer step
   (gradient alignment, two-gradient rules);
-* ``on_step_end``: act on parameters after each step (fixed pruning or mixing masks);
+* ``on_step_end``: act on parameters after each step (fixed pruning or mixing masks); set
+  ``ctx.state.stopped = True`` to end training after this step (a stopping rule, e.g. unlearning's);
 * ``on_train_begin`` / ``on_epoch_end``: set-up and per-epoch logging.
 """
 
@@ -33,6 +34,7 @@ class TrainState:
     epoch_rows: int = 0
     best_score: float | None = None
     best_epoch: int | None = None
+    stopped: bool = False  # a callback ended training early (kept across a resume)
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -62,7 +64,7 @@ class Callback:
         """Rewrite ``p.grad`` in place, before clipping and the optimizer step."""
 
     def on_step_end(self, ctx: TrainContext) -> None:
-        """After each optimizer step."""
+        """After each optimizer step; may set ``ctx.state.stopped`` to end training here."""
 
     def on_epoch_end(self, ctx: TrainContext, record: dict[str, Any]) -> None:
         """After each epoch, with its record (loss, dev accuracy)."""

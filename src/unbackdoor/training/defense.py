@@ -5,8 +5,9 @@ pre-trained model (loaded as a classifier), the training rows **without poison f
 :class:`~unbackdoor.data.Dataset`) and a clean dev set. :class:`TrainInputs` refuses poisoned tasks,
 poison flags and triggered sets by type, so no defence can read which rows are bad.
 
-Registry :data:`TRAIN_DEFENSES`: ``none`` (plain full fine-tuning, here) and ``lora`` /
-``musclelora`` (:mod:`unbackdoor.musclelora`, registered when that package is imported).
+Registry :data:`TRAIN_DEFENSES`: ``none`` (plain full fine-tuning, here), ``lora`` /
+``musclelora`` (:mod:`unbackdoor.musclelora`, registered when that package is imported) and
+``reweight`` (:mod:`unbackdoor.detect.defense`, imported at the end of this module).
 """
 
 from __future__ import annotations
@@ -120,3 +121,8 @@ class PlainFinetune(TrainDefense[NoDefenseConfig]):
         result = train_classifier(inputs.model, inputs.rows, config, dev=inputs.dev, callbacks=observers,
                                   work_dir=work_dir)
         return TrainDefenseResult(inputs.model, result, {"method": self.name, "train": config.model_dump()})
+
+
+# Registers ``reweight`` (unbackdoor.detect.defense). Last on purpose: that module imports the names
+# above, and the detect package first imports this package (see unbackdoor/detect/__init__.py).
+import unbackdoor.detect.defense  # noqa: E402,F401

@@ -3,8 +3,9 @@ or ``torchrun``).
 
 Steps: tokenise once -> per epoch, seeded length-grouped batches sharded over processes -> forward,
 ``extra_loss`` hooks, backward (with gradient accumulation) -> ``on_gradients`` hooks -> clip ->
-AdamW step, linear warm-up/decay -> ``on_step_end`` hooks -> at epoch end, clean dev accuracy
-selects the best epoch -> checkpoints that a killed run resumes from, bit for bit on CPU.
+AdamW step, linear warm-up/decay -> ``on_step_end`` hooks (which may stop training) -> at epoch
+end, clean dev accuracy selects the best epoch -> checkpoints that a killed run resumes from, bit
+for bit on CPU.
 
 Selection takes a clean :class:`~unbackdoor.data.Dataset` only: a triggered (poisoned) set is a
 different type and is refused.
@@ -208,6 +209,23 @@ def _run_key(clf: Classifier, data: Dataset, dev: Dataset | None, config: TrainC
     return digest.hexdigest()
 
 
+def _check_sample_weights(weights: Sequence[float] | None, n_rows: int) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    w = torch.as_tensor(list(weights), dtype=torch.float32)
+    if w.shape != (n_rows,):
+        raise DataError(f"{len(w)} sample weights for {n_rows} training rows")
+    if not torch.isfinite(w).all() or (w < 0).any() or not (w > 0).any():
+        raise DataError("sample weights must be finite, >= 0, and not all zero")
+    return w
+
+
+def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of weight × cross-entropy."""
+    per_row = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+    return (weights.to(per_row.device) * per_row).mean()
+
+
 def _improves(score: float, best: float | None, ties: str) -> bool:
     return best is None or score > best or (ties == "last" and score == best)
 
@@ -222,14 +240,21 @@ def train_classifier(
     work_dir: str | Path | None = None,
     accelerator: Accelerator | None = None,
     fingerprint: Any = None,
+    sample_weights: Sequence[float] | None = None,
 ) -> TrainResult:
     """Fine-tune ``clf`` in place on ``data``; select the epoch on clean ``dev`` accuracy.
+
+    ``sample_weights`` (one ≥ 0 per row of ``data``): the task loss of a batch becomes the mean of
+    weight × cross-entropy over its rows (the caller chooses the scale, e.g. mean weight 1).
 
     With ``work_dir``, checkpoints are written there and a rerun with the same arguments resumes
     from the latest one. ``fingerprint`` (JSON-able: a defence's config, its reference rows) is part
     of what a checkpoint must match to be resumed.
     """
     require_clean_dataset(data, "training data")
+    weights = _check_sample_weights(sample_weights, len(data))
+    if weights is not None:
+        fingerprint = [fingerprint, hashlib.sha256(weights.numpy().tobytes()).hexdigest()]
     if dev is not None:
         require_clean_dataset(dev, "selection (dev) data")
         if dev.is_pair != data.is_pair:
@@ -265,7 +290,7 @@ def train_classifier(
     seen = 0
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
                disable=not (config.progress and acc.is_local_main_process) or None)
-    done = state.global_step >= total_steps
+    done = state.global_step >= total_steps or state.stopped
     while state.epoch < config.epochs and not done:
         batches = shard(epoch_batches(lengths, config.batch_size, config.seed, state.epoch, config.group_by_length),
                         acc.process_index, acc.num_processes)
@@ -275,11 +300,12 @@ def train_classifier(
             is_sync = (b_idx + 1) % config.gradient_accumulation_steps == 0 or b_idx + 1 == len(batches)
             with (nullcontext() if is_sync else acc.no_sync(wrapped)), acc.autocast():
                 outputs = wrapped(**batch)
-                loss = outputs.loss
+                loss = outputs.loss if weights is None else _weighted_loss(outputs.logits, batch["labels"], weights[rows])
+                task_loss = loss
                 for cb in callbacks:
                     loss = cb.extra_loss(ctx, batch, outputs, loss)
                 acc.backward(loss / config.gradient_accumulation_steps)
-            state.epoch_loss_sum += float(outputs.loss.detach()) * len(rows)  # task loss, before extra terms
+            state.epoch_loss_sum += float(task_loss.detach()) * len(rows)  # task loss, before extra terms
             state.epoch_rows += len(rows)
             seen += len(rows)
             state.batches_done = b_idx + 1
@@ -296,7 +322,7 @@ def train_classifier(
             bar.update(1)
             for cb in callbacks:
                 cb.on_step_end(ctx)
-            if state.global_step >= total_steps:
+            if state.global_step >= total_steps or state.stopped:
                 done = True
                 break
             if config.checkpoint_every and state.global_step % config.checkpoint_every == 0:

@@ -1,0 +1,212 @@
+"""Issue-5 acceptance grid: unlearn (LYA, gradient ascent, retrain, fine-tune) with oracle forget
+sets of 10 / 50 / 100 % of the truly poisoned rows, and TSBD with 1 % / 5 % clean data, on MiniLM
+victims -> CACC, ASR, robust accuracy, wall time, peak memory.
+
+    python benchmarks/unlearn_grid.py run [--out runs/unlearn_grid] [--workers 2] [--reuse runs/purify_grid/models]
+    python benchmarks/unlearn_grid.py report [--out runs/unlearn_grid] [--md docs/results/unlearn.md]
+
+Every cell is one real CLI call (``unbackdoor attack|train|unlearn|purify|eval``) in its own process
+(``benchmarks/cells.py``: atomic outputs, resumable, workers never share a cell). Forget files are the
+only place ground-truth flags are read (``unbackdoor.unlearn.oracle``, benchmark-only): they stand in
+for a user's identification of the trojaned rows, which the unlearn situation presupposes.
+``--reuse DIR`` copies victims already trained with the same recipe (``purify_grid.py``) instead of
+training them again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cells import Cell, fixed, record, spawn, wall_times, work
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@dataclass(frozen=True)
+class Victim:
+    data: str  # poisoned data spec (for ``our`` attack: the folder this grid writes)
+    clean: str  # the clean task the retain / TSBD sets are drawn from
+    train_args: tuple[str, ...] = ()  # extra ``unbackdoor train`` flags
+    reuse_as: str | None = None  # the victim's name in a purify_grid models folder
+    retrain: bool = True
+
+
+def victims(out: Path) -> dict[str, Victim]:
+    return {
+        "badnets-dirty": Victim(str(out / "data" / "badnets-dirty"), "sst2", reuse_as="badnets-dirty-ours"),
+        "synbkd-hiddenkiller": Victim("sst2/synbkd_hiddenkiller_p20", "sst2", reuse_as="synbkd-hiddenkiller"),
+        # code: 2,000 training rows at 256 tokens (CPU budget); the trigger survives truncation in ~62 %
+        "devign-dci": Victim("devign/dci_trojanedcm_p5", "devign", ("--max-train", "2000", "--max-length", "256"),
+                             retrain=False),
+    }
+
+
+FORGET_FRACTIONS = (0.1, 0.5, 1.0)
+ASCENT_METHODS = ("lya", "gradient-ascent")
+RETAIN_FRACTION = 0.05
+TSBD_FRACTIONS = (0.01, 0.05)
+
+
+def _forget_file(out: Path, name: str, v: Victim, fraction: float) -> Callable[[], list[str]]:
+    """Write the oracle forget file first (benchmark-only truth), then return the unlearn command."""
+    def args() -> list[str]:
+        from unbackdoor.data import load_poisoned_task
+        from unbackdoor.pipeline import subsample_poisoned
+        from unbackdoor.unlearn.oracle import forget_from_flags, write_forget_file
+
+        path = out / "forget" / f"{name}-{fraction:g}.jsonl"
+        if not path.exists():
+            max_train = int(v.train_args[1]) if "--max-train" in v.train_args else None
+            task = subsample_poisoned(load_poisoned_task(v.data), max_train, 0)  # as the victim was trained
+            write_forget_file(forget_from_flags(task, fraction, seed=0), path)
+        return [str(path)]
+    return args
+
+
+def _unlearn(out: Path, name: str, v: Victim, method: str, fraction: float | None) -> Cell:
+    label = f"{name}-{method}" + (f"-{fraction:g}" if fraction is not None else "")
+    target = out / "unlearned" / label
+    forget = _forget_file(out, name, v, fraction if fraction is not None else 1.0)
+
+    def args() -> list[str]:
+        cmd = ["-q", "unlearn", "-m", str(out / "models" / name), "--forget", *forget(), "--retain", v.clean,
+               "--retain-fraction", str(RETAIN_FRACTION), "--method", method, "--eval-data", v.data, "--out", str(target)]
+        if method == "retrain":
+            cmd += ["--base", "default", "--train-data", v.data]
+        return cmd
+    return Cell(label, target, args)
+
+
+def grid(out: Path) -> list[Cell]:
+    cells = [Cell("data-badnets-dirty", out / "data" / "badnets-dirty",
+                  fixed(["-q", "attack", "--data", "sst2", "--attack", "badnets", "--poison-rate", "0.1",
+                         "--out", str(out / "data" / "badnets-dirty")]))]
+    for name, v in victims(out).items():
+        cells.append(Cell(f"victim-{name}", out / "models" / name,
+                          fixed(["-q", "train", "--data", v.data, *v.train_args, "--out", str(out / "models" / name)])))
+        cells.append(Cell(f"eval-{name}", out / "evals" / f"{name}.json",
+                          fixed(["-q", "eval", "-m", str(out / "models" / name), "--data", v.data,
+                                 "--out", str(out / "evals" / f"{name}.json")])))
+        for fraction in FORGET_FRACTIONS:
+            cells += [_unlearn(out, name, v, m, fraction) for m in ASCENT_METHODS]
+        cells.append(_unlearn(out, name, v, "finetune", None))
+        for fraction in TSBD_FRACTIONS:
+            label = f"{name}-tsbd-{fraction:g}"
+            cells.append(Cell(label, out / "purified" / label,
+                              fixed(["-q", "purify", "-m", str(out / "models" / name), "--clean", v.clean,
+                                     "--clean-fraction", str(fraction), "--method", "tsbd",
+                                     "--out", str(out / "purified" / label)])))
+            cells.append(Cell(f"eval-{label}", out / "evals" / f"{label}.json",
+                              fixed(["-q", "eval", "-m", str(out / "purified" / label), "--data", v.data,
+                                     "--out", str(out / "evals" / f"{label}.json")])))
+        if v.retrain:  # the most expensive baseline: a full training run; only with the whole forget set
+            cells.append(_unlearn(out, name, v, "retrain", 1.0))
+    return cells
+
+
+def reuse_victims(out: Path, source: Path) -> None:
+    """Copy victims trained by purify_grid.py with the same recipe (skips ones already here)."""
+    for name, v in victims(out).items():
+        src, dst = source / (v.reuse_as or name), out / "models" / name
+        if v.reuse_as and src.exists() and not dst.exists():
+            partial = dst.with_name(f".{dst.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(src, partial)
+            partial.rename(dst)
+
+
+def run_grid(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    for sub in ("evals", "forget", "unlearned", "purified", "models", "data"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        reuse_victims(out, Path(args.reuse))
+    spawn(__file__, args.out, args.workers)
+
+
+def run_worker(args: argparse.Namespace) -> None:
+    work(Path(args.out), grid(Path(args.out)))
+
+
+def _metrics(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    return record(path)["metrics"]
+
+
+def _fmt(m: dict, key: str) -> str:
+    return f"{100 * m[key]:.1f}" if m.get(key) is not None else "—"
+
+
+def write_report(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    walls = {r["cell"]: r["wall_s"] for r in wall_times(out)}
+    lines = ["# Unlearning and TSBD on MiniLM victims", "",
+             "Command: `python benchmarks/unlearn_grid.py run --workers 2 --reuse runs/purify_grid/models` then "
+             "`... report`; every cell is one `unbackdoor` call, listed at the end. Forget sets (oracle, the unlearn "
+             f"situation's premise): a seeded 10 / 50 / 100 % of the truly poisoned training rows, as trained. Retain "
+             f"set: {100 * RETAIN_FRACTION:.0f} % of the clean train split (seed 0). TSBD: 1 % / 5 % clean data, "
+             "no forget set. CACC on the clean test split; ASR on the triggered non-target test set; RA (robust "
+             "accuracy) = accuracy on those triggered rows w.r.t. their true labels. Times: two cells at a time, one "
+             "torch thread each, on a shared 2-core machine (indicative).", ""]
+    notes = Path(__file__).with_name("unlearn_notes.md")
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").strip(), ""]
+    for name, v in victims(out).items():
+        vic = _metrics(out / "evals" / f"{name}.json")
+        if vic is None:
+            continue
+        lines += [f"## {name} (`{v.data if not v.data.startswith(str(out)) else 'unbackdoor attack --attack badnets'}`)",
+                  "", "| method | forget / clean | CACC % | ASR % | RA % | stopped at | s | peak MB |",
+                  "|---|---:|---:|---:|---:|---|---:|---:|",
+                  f"| victim | — | {_fmt(vic, 'cacc')} | {_fmt(vic, 'asr')} | {_fmt(vic, 'robust_accuracy')} | | | |"]
+        for folder in sorted((out / "unlearned").glob(f"{name}-*")):
+            if folder.name.startswith("."):
+                continue
+            rec = record(folder)
+            m, rep = rec["metrics"], rec["defense"]
+            stop = rep.get("stop_reason") or rep.get("stopped") or ""
+            if rep.get("steps") is not None:
+                stop = f"{stop} (step {rep['steps']})".strip()
+            size = f"{rec['n_forget']} rows" if rec["defense"]["method"] != "finetune" else "—"
+            lines.append(f"| {rep['method']} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
+                         f"{_fmt(m, 'robust_accuracy')} | {stop} | {rec['wall_time_s']:.0f} | "
+                         f"{rec['peak_memory_mb']:.0f} |")
+        for fraction in TSBD_FRACTIONS:
+            label = f"{name}-tsbd-{fraction:g}"
+            m = _metrics(out / "evals" / f"{label}.json")
+            if m is None:
+                continue
+            rec = record(out / "purified" / label)
+            lines.append(f"| tsbd | {rec.get('n_clean', '?')} clean | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
+                         f"{_fmt(m, 'robust_accuracy')} | | {walls.get(label, float('nan')):.0f} | "
+                         f"{rec.get('peak_memory_mb', float('nan')):.0f} |")
+        lines.append("")
+    lines += ["## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
+    Path(args.md).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.md).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"wrote {args.md}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("run", "work", "report"):
+        p = sub.add_parser(name)
+        p.add_argument("--out", default="runs/unlearn_grid")
+        if name == "run":
+            p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--reuse", help="a purify_grid models folder with victims of the same recipe")
+        if name == "report":
+            p.add_argument("--md", default="docs/results/unlearn.md")
+    args = parser.parse_args()
+    {"run": run_grid, "work": run_worker, "report": write_report}[args.command](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""Frozen sentence features, computed once per dataset, for the cheap detectors (spec
+``multilevel.md`` §3: the unrolled parameters sit on top of frozen features).
+
+[RECON] A feature is the encoder's last hidden state pooled over the row's tokens: ``mean`` (masked
+mean over real tokens; all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling, the
+default) or ``cls`` (the first token). The encoder is the classifier's body (``model.base_model``);
+its classification head is not used. Which model to take is the caller's choice: the clean
+pre-trained base (default in ``detect`` and the ``reweight`` defence), on which a dirty-label
+poisoned row looks like a mislabelled row of its true class, or a given fine-tuned model.
+
+:func:`standardise` puts training and clean features on one scale: per-dimension z-scores with the
+training rows' mean and standard deviation, divided by √d so a typical row has norm ≈ 1 (the ε of
+the attacker level is in these units).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from unbackdoor.data.types import Dataset
+from unbackdoor.detect.base import DetectInputs
+from unbackdoor.inference import collate, encode, length_sorted_batches
+from unbackdoor.models.loading import Classifier
+from unbackdoor.training.loop import require_clean_dataset
+
+logger = logging.getLogger(__name__)
+
+Pooling = Literal["mean", "cls"]
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.Tensor:
+    if pooling == "cls":
+        return hidden[:, 0]
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp(min=1.0)
+
+
+@torch.no_grad()
+def sentence_features(clf: Classifier, data: Dataset, pooling: Pooling = "mean", batch_size: int = 64) -> torch.Tensor:
+    """One pooled feature vector per row of ``data`` (float32, CPU, row order), from ``clf``'s
+    encoder in eval mode."""
+    require_clean_dataset(data, "rows to featurise")
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    body = model.base_model
+    device = next(model.parameters()).device
+    feats = encode(clf, data.examples)
+    out: torch.Tensor | None = None
+    for batch in length_sorted_batches([len(f["input_ids"]) for f in feats], batch_size):
+        inputs = {k: v.to(device) for k, v in collate(clf, [feats[i] for i in batch]).items()}
+        hidden = body(**inputs).last_hidden_state
+        pooled = _pool(hidden, inputs["attention_mask"], pooling).float().cpu()
+        if out is None:
+            out = torch.zeros(len(feats), pooled.shape[1])
+        out[batch] = pooled
+    model.train(was_training)
+    assert out is not None
+    logger.info("features: %d rows x %d dims (%s pooling)", out.shape[0], out.shape[1], pooling)
+    return out
+
+
+def standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``train`` and ``others`` z-scored with ``train``'s per-dimension statistics, then / √d."""
+    mean = train.mean(dim=0, keepdim=True)
+    std = train.std(dim=0, keepdim=True).clamp(min=1e-6) if len(train) > 1 else torch.ones_like(mean)
+    scale = std * train.shape[1] ** 0.5
+    return tuple((x - mean) / scale for x in (train, *others))
+
+
+@dataclass(frozen=True)
+class FeatureData:
+    """Standardised frozen features and labels of the training rows and the clean set."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    clean_x: torch.Tensor
+    clean_y: torch.Tensor
+    num_labels: int
+
+
+def feature_data(inputs: DetectInputs, pooling: Pooling, batch_size: int) -> FeatureData:
+    """Frozen, standardised features of ``inputs``' training rows and clean set (encoder: ``inputs.encoder``)."""
+    x = sentence_features(inputs.encoder, inputs.rows, pooling, batch_size)
+    clean_x = sentence_features(inputs.encoder, inputs.clean, pooling, batch_size)
+    x, clean_x = standardise(x, clean_x)
+    return FeatureData(x, torch.tensor(inputs.rows.labels), clean_x, torch.tensor(inputs.clean.labels),
+                       inputs.rows.num_labels)
