@@ -17,7 +17,6 @@ attacks then use the chosen value.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections.abc import Callable
@@ -139,11 +138,13 @@ def write_report(args: argparse.Namespace) -> None:
     lines += ["", f"Never-poisoned reference (full fine-tuning on {MAX_TRAIN} clean SST-2 rows): "
               f"CACC {100 * ref['metrics']['cacc']:.1f}.", ""]
     means: dict[str, list[tuple[float, float]]] = {}
+    floors: list[float] = []
     for attack, spec in ATTACKS.items():
         floor_path = out / "evals" / f"floor-{attack}.json"
-        floor = json.loads(floor_path.read_text())["metrics"]["asr"] if floor_path.exists() else None
+        floor = record(floor_path)["asr"] if floor_path.exists() else None  # an eval record
         lines += [f"## {attack} (`{spec}`)", ""] + header
         if floor is not None:
+            floors.append(floor)
             lines.append(f"| never-poisoned (floor) | {100 * ref['metrics']['cacc']:.1f} | {100 * floor:.1f} | "
                          f"+0.0 | | | | | |")
         for m in ("none", *ADAPTER_METHODS):
@@ -155,12 +156,19 @@ def write_report(args: argparse.Namespace) -> None:
             means.setdefault(m, []).append((rec["metrics"]["cacc"], rec["metrics"]["asr"]))
             lines.append(_row(m, rec, floor, walls, name))
         lines.append("")
-    lines += ["## Summary", "", "| method | attacks | mean CACC % | CACC − reference | mean ASR % |", "|---|---:|---:|---:|---:|"]
+    mean_floor = sum(floors) / len(floors) if floors else float("nan")
+    lines += ["## Summary", "",
+              f"Goal (issue 4): mean ASR over the four attacks < 15 % with CACC within 2 points of the "
+              f"never-poisoned reference. Mean floor (never-poisoned ASR) over the attacks: {100 * mean_floor:.1f} %.", "",
+              "| method | attacks | mean CACC % | CACC − reference | mean ASR % | mean ASR − mean floor | goal met |",
+              "|---|---:|---:|---:|---:|---:|:---:|"]
     for m, vals in means.items():
         cacc = sum(v[0] for v in vals) / len(vals)
         asr = sum(v[1] for v in vals) / len(vals)
-        lines.append(f"| {m} | {len(vals)} | {100 * cacc:.1f} | {100 * (cacc - ref['metrics']['cacc']):+.1f} | "
-                     f"{100 * asr:.1f} |")
+        drop = cacc - ref["metrics"]["cacc"]
+        met = "yes" if len(vals) == len(ATTACKS) and asr < 0.15 and drop >= -0.02 else "no"
+        lines.append(f"| {m} | {len(vals)} | {100 * cacc:.1f} | {100 * drop:+.1f} | {100 * asr:.1f} | "
+                     f"{100 * (asr - mean_floor):+.1f} | {met} |")
     lines += ["", "Cost: " + time_ratio(out, lrs), ""]
     notes = Path(__file__).with_name("musclelora_notes.md")  # the reading of these tables, written by hand
     if notes.exists():

@@ -35,6 +35,11 @@ class Victim:
     reuse_as: str | None = None  # the victim's name in a purify_grid models folder
     retrain: bool = True
 
+    @property
+    def floor_model(self) -> str:
+        """The never-poisoned model of the same recipe on the clean task (its ASR is the floor)."""
+        return f"never-poisoned-{self.clean}"
+
 
 def victims(out: Path) -> dict[str, Victim]:
     return {
@@ -82,11 +87,24 @@ def _unlearn(out: Path, name: str, v: Victim, method: str, fraction: float | Non
     return Cell(label, target, args)
 
 
+def _floor_cells(out: Path, name: str, v: Victim) -> list[Cell]:
+    """Train the never-poisoned model once per clean task (unless reused), evaluate it on the attack."""
+    model = out / "models" / v.floor_model
+    return [Cell(f"model-{v.floor_model}", model,
+                 fixed(["-q", "train", "--data", v.clean, *v.train_args, "--out", str(model)])),
+            Cell(f"floor-{name}", out / "evals" / f"floor-{name}.json",
+                 fixed(["-q", "eval", "-m", str(model), "--data", v.data, "--out", str(out / "evals" / f"floor-{name}.json")]))]
+
+
 def grid(out: Path) -> list[Cell]:
     cells = [Cell("data-badnets-dirty", out / "data" / "badnets-dirty",
                   fixed(["-q", "attack", "--data", "sst2", "--attack", "badnets", "--poison-rate", "0.1",
                          "--out", str(out / "data" / "badnets-dirty")]))]
+    retrain = [_unlearn(out, name, v, "retrain", 1.0) for name, v in victims(out).items() if v.retrain]
     for name, v in victims(out).items():
+        if name == "devign-dci":  # the SST-2 retraining baselines before the (slow) code task
+            cells += retrain
+        cells += _floor_cells(out, name, v)
         cells.append(Cell(f"victim-{name}", out / "models" / name,
                           fixed(["-q", "train", "--data", v.data, *v.train_args, "--out", str(out / "models" / name)])))
         cells.append(Cell(f"eval-{name}", out / "evals" / f"{name}.json",
@@ -104,16 +122,17 @@ def grid(out: Path) -> list[Cell]:
             cells.append(Cell(f"eval-{label}", out / "evals" / f"{label}.json",
                               fixed(["-q", "eval", "-m", str(out / "purified" / label), "--data", v.data,
                                      "--out", str(out / "evals" / f"{label}.json")])))
-        if v.retrain:  # the most expensive baseline: a full training run; only with the whole forget set
-            cells.append(_unlearn(out, name, v, "retrain", 1.0))
     return cells
 
 
 def reuse_victims(out: Path, source: Path) -> None:
-    """Copy victims trained by purify_grid.py with the same recipe (skips ones already here)."""
-    for name, v in victims(out).items():
-        src, dst = source / (v.reuse_as or name), out / "models" / name
-        if v.reuse_as and src.exists() and not dst.exists():
+    """Copy victims (and the never-poisoned SST-2 model) trained by purify_grid.py with the same
+    recipe; models already here are kept."""
+    pairs = [(v.reuse_as, name) for name, v in victims(out).items() if v.reuse_as]
+    pairs.append(("never-poisoned", "never-poisoned-sst2"))
+    for src_name, name in pairs:
+        src, dst = source / src_name, out / "models" / name
+        if src.exists() and not dst.exists():
             partial = dst.with_name(f".{dst.name}.partial")
             shutil.rmtree(partial, ignore_errors=True)
             shutil.copytree(src, partial)
@@ -134,9 +153,8 @@ def run_worker(args: argparse.Namespace) -> None:
 
 
 def _metrics(path: Path) -> dict | None:
-    if not path.exists():
-        return None
-    return record(path)["metrics"]
+    """An ``unbackdoor eval`` record (its metrics are top-level keys), if written."""
+    return record(path) if path.exists() else None
 
 
 def _fmt(m: dict, key: str) -> str:
@@ -165,14 +183,18 @@ def write_report(args: argparse.Namespace) -> None:
                   "", "| method | forget / clean | CACC % | ASR % | RA % | stopped at | s | peak MB |",
                   "|---|---:|---:|---:|---:|---|---:|---:|",
                   f"| victim | — | {_fmt(vic, 'cacc')} | {_fmt(vic, 'asr')} | {_fmt(vic, 'robust_accuracy')} | | | |"]
+        floor = _metrics(out / "evals" / f"floor-{name}.json")
+        if floor is not None:
+            lines.append(f"| never-poisoned (floor) | — | {_fmt(floor, 'cacc')} | {_fmt(floor, 'asr')} | "
+                         f"{_fmt(floor, 'robust_accuracy')} | | | |")
         for folder in sorted((out / "unlearned").glob(f"{name}-*")):
             if folder.name.startswith("."):
                 continue
             rec = record(folder)
             m, rep = rec["metrics"], rec["defense"]
-            stop = rep.get("stop_reason") or rep.get("stopped") or ""
-            if rep.get("steps") is not None:
-                stop = f"{stop} (step {rep['steps']})".strip()
+            stop = rep.get("stop_reason") or ""
+            if rep.get("stopped_at_step") is not None:
+                stop += f" @{rep['stopped_at_step']}, kept step {rep.get('chosen_step')}"
             size = f"{rec['n_forget']} rows" if rec["defense"]["method"] != "finetune" else "—"
             lines.append(f"| {rep['method']} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
                          f"{_fmt(m, 'robust_accuracy')} | {stop} | {rec['wall_time_s']:.0f} | "

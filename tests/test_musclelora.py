@@ -26,6 +26,7 @@ from unbackdoor.musclelora import (
     AlignmentRule,
     GradientAlignment,
     LowRankHead,
+    LoraOnlyConfig,
     MslrConfig,
     MultiScaleLowRankLinear,
     MuscleLora,
@@ -155,6 +156,9 @@ def test_family_defaults_and_overrides() -> None:
     assert bert.train is not None and bert.train.learning_rate == 1e-3  # the key given wins ...
     assert (bert.train.epochs, bert.train.batch_size, bert.train.warmup_ratio, bert.train.weight_decay) == (10, 32, 0, 0)
     assert resolve_config(MuscleLoraConfig(), "roberta", 768).mslr_scales == (1, 2, 4, 6, 8, 10, 12, 14, 16)
+    assert resolve_config(MuscleLoraConfig(), "bert", 768).train.learning_rate == 2e-5  # the spec's BERT-base value
+    assert resolve_config(MuscleLoraConfig(), "bert", 384).train.learning_rate == 1e-3  # small encoders (measured)
+    assert resolve_config(LoraOnlyConfig(), "bert", 384).train.learning_rate == 1e-3
     assert resolve_config(MuscleLoraConfig(), "bert", 1024).mslr_scales == tuple(range(1, 10))
     gpt2 = resolve_config(MuscleLoraConfig(mslr_alpha=2.0), "gpt2", 1600)
     assert (gpt2.lora_targets, gpt2.lora_rank, gpt2.lora_alpha, gpt2.mslr_alpha) == (("c_attn",), 2, 8, 2.0)

@@ -21,6 +21,12 @@ Family = Literal["bert", "roberta", "gpt2", "llama"]
 #: ``config.model_type`` -> family; placement is chosen by architecture, never by model name (§14.13)
 MODEL_TYPE_FAMILY: dict[str, Family] = {"bert": "bert", "roberta": "roberta", "gpt2": "gpt2", "llama": "llama"}
 LARGE_HIDDEN_SIZE = 1024  # [RECON] BERT/RoBERTa with hidden >= 1024 get the "large" scale list
+#: [RECON, measured] BERT/RoBERTa encoders narrower than base (e.g. all-MiniLM-L6-v2, hidden 384)
+#: train at this learning rate: at the spec's 2e-5 neither LoRA nor MuScleLoRA learned MiniLM in 5
+#: epochs (clean selection accuracy 56 % / 50 %), 1e-3 was best of {2e-5, 2e-4, 1e-3} for both
+#: (84 % / 75 %; docs/results/musclelora.md)
+SMALL_HIDDEN_SIZE = 768
+SMALL_ENCODER_LEARNING_RATE = 1e-3
 
 
 class MslrConfig(StrictConfig):
@@ -99,7 +105,8 @@ class MuscleLoraConfig(StrictConfig):
     seed: int = Field(0, description="seed of the reference/selection split and the reference batches")
     train: TrainConfig | None = Field(
         None, description="training-loop settings; keys given override the family defaults (lr 2e-5, 10 epochs, "
-        "batch 32 for BERT/RoBERTa; 1e-5, 5, 16 for LLMs; no warm-up, no weight decay, clip 1.0) [CODE]")
+        "batch 32 for BERT/RoBERTa [CODE], lr 1e-3 when hidden < 768 [RECON, measured on MiniLM]; 1e-5, 5, 16 for "
+        "LLMs; no warm-up, no weight decay, clip 1.0) [CODE]")
 
 
 class LoraOnlyConfig(MuscleLoraConfig):
@@ -121,7 +128,10 @@ def model_family(model_type: str) -> Family:
 def resolve_config(config: MuscleLoraConfig, model_type: str, hidden_size: int) -> MuscleLoraConfig:
     """``config`` with every ``None`` replaced by the family default and ``train`` complete."""
     family = model_family(model_type)
-    defaults = _family_defaults(family, large=family in ("bert", "roberta") and hidden_size >= LARGE_HIDDEN_SIZE)
+    encoder = family in ("bert", "roberta")
+    defaults = _family_defaults(family, large=encoder and hidden_size >= LARGE_HIDDEN_SIZE)
+    if encoder and 0 < hidden_size < SMALL_HIDDEN_SIZE:
+        defaults["train"]["learning_rate"] = SMALL_ENCODER_LEARNING_RATE
     train = merge_train(TrainConfig(**COMMON_TRAIN, **defaults.pop("train")), config.train)
     filled = {k: v for k, v in defaults.items() if getattr(config, k) is None}
     return config.model_copy(update={**filled, "train": train})
