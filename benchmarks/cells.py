@@ -3,7 +3,8 @@
 A cell is finished when its output exists (every command writes it atomically), so a rerun skips
 it and an interrupted one starts again. Workers claim a cell with an atomic ``mkdir`` under
 OUT/claims, so two workers never run the same cell; delete OUT/claims to retry cells whose worker
-died. Each finished cell appends its wall time and command to OUT/wall_times.jsonl.
+died. Each finished cell appends its wall time and command to OUT/wall_times.jsonl; a failed one
+writes its error to OUT/failed/NAME (delete it and its claim to retry).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class Cell:
     name: str
     output: Path
     args: Callable[[], list[str]]  # ``unbackdoor`` arguments; may wait for the cells it depends on
+    after: Path | None = None  # an output this cell reads: the cell is not claimed before it exists
 
 
 def fixed(args: list[str]) -> Callable[[], list[str]]:
@@ -38,10 +40,29 @@ def claim(out: Path, cell: Cell) -> bool:
         return False
 
 
-def work(out: Path, grid: Sequence[Cell]) -> None:
-    """One worker: claim unfinished cells in order and run each as a CLI process."""
+def work(out: Path, grid: Sequence[Cell], poll_s: float = 30.0) -> None:
+    """One worker: claim unfinished cells in order and run each as a CLI process. A cell whose
+    ``after`` output is missing is passed over and tried again on the next pass, as long as some
+    other cell of the grid is still claimed without output (i.e. may be running)."""
+    while True:
+        waiting = _one_pass(out, grid)
+        running = [c for c in grid if (out / "claims" / c.name).exists() and not c.output.exists()
+                   and not (out / "failed" / c.name).exists()]
+        if not waiting or not running:
+            return
+        time.sleep(poll_s)
+
+
+def _one_pass(out: Path, grid: Sequence[Cell]) -> list[Cell]:
+    """Run every claimable cell once; return the cells left waiting for their ``after`` output."""
+    waiting = []
     for cell in grid:
-        if cell.output.exists() or not claim(out, cell):
+        if cell.output.exists():
+            continue
+        if cell.after is not None and not cell.after.exists():
+            waiting.append(cell)
+            continue
+        if not claim(out, cell):
             continue
         args = cell.args()
         start = time.perf_counter()
@@ -49,18 +70,22 @@ def work(out: Path, grid: Sequence[Cell]) -> None:
         wall = time.perf_counter() - start
         if proc.returncode != 0:
             print(f"cell {cell.name} failed:\n{proc.stderr[-2000:]}", file=sys.stderr, flush=True)
+            (out / "failed").mkdir(exist_ok=True)
+            (out / "failed" / cell.name).write_text(proc.stderr[-2000:])
             continue
         with (out / "wall_times.jsonl").open("a") as fh:
             fh.write(json.dumps({"cell": cell.name, "wall_s": wall, "command": " ".join(["unbackdoor", *args])}) + "\n")
         print(f"done {cell.name} in {wall:.0f} s", flush=True)
+    return waiting
 
 
-def spawn(script: str, out: str, workers: int) -> None:
-    """Run ``script work --out OUT`` in ``workers`` processes (one torch thread each when > 1); wait."""
+def spawn(script: str, out: str, workers: int, extra: Sequence[str] = ()) -> None:
+    """Run ``script work --out OUT [EXTRA]`` in ``workers`` processes (one torch thread each when
+    more than one); wait for them."""
     env = dict(os.environ)
     if workers > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
-    procs = [subprocess.Popen([sys.executable, script, "work", "--out", out], env=env) for _ in range(workers)]
+    procs = [subprocess.Popen([sys.executable, script, "work", "--out", out, *extra], env=env) for _ in range(workers)]
     sys.exit(max(p.wait() for p in procs))
 
 

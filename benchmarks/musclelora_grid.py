@@ -72,7 +72,8 @@ def grid(out: Path) -> list[Cell]:
               for a, spec in ATTACKS.items()]
     cells += [Cell(f"floor-{a}", out / "evals" / f"floor-{a}.json",
                    fixed(["-q", "eval", "--model", str(out / "models" / REFERENCE), "--data", spec,
-                          "--out", str(out / "evals" / f"floor-{a}.json")])) for a, spec in ATTACKS.items()]
+                          "--out", str(out / "evals" / f"floor-{a}.json")]), after=out / "models" / REFERENCE)
+              for a, spec in ATTACKS.items()]
     cells += [Cell(f"{a}-{m}", out / "models" / f"{a}-{m}", _after_pilot(out, a, m))
               for m in reversed(ADAPTER_METHODS) for a in ATTACKS if a != PILOT_ATTACK]
     return cells

@@ -84,7 +84,7 @@ def _unlearn(out: Path, name: str, v: Victim, method: str, fraction: float | Non
         if method == "retrain":
             cmd += ["--base", "default", "--train-data", v.data]
         return cmd
-    return Cell(label, target, args)
+    return Cell(label, target, args, after=out / "models" / name)
 
 
 def _floor_cells(out: Path, name: str, v: Victim) -> list[Cell]:
@@ -93,7 +93,8 @@ def _floor_cells(out: Path, name: str, v: Victim) -> list[Cell]:
     return [Cell(f"model-{v.floor_model}", model,
                  fixed(["-q", "train", "--data", v.clean, *v.train_args, "--out", str(model)])),
             Cell(f"floor-{name}", out / "evals" / f"floor-{name}.json",
-                 fixed(["-q", "eval", "-m", str(model), "--data", v.data, "--out", str(out / "evals" / f"floor-{name}.json")]))]
+                 fixed(["-q", "eval", "-m", str(model), "--data", v.data, "--out", str(out / "evals" / f"floor-{name}.json")]),
+                 after=model)]
 
 
 def grid(out: Path) -> list[Cell]:
@@ -109,7 +110,7 @@ def grid(out: Path) -> list[Cell]:
                           fixed(["-q", "train", "--data", v.data, *v.train_args, "--out", str(out / "models" / name)])))
         cells.append(Cell(f"eval-{name}", out / "evals" / f"{name}.json",
                           fixed(["-q", "eval", "-m", str(out / "models" / name), "--data", v.data,
-                                 "--out", str(out / "evals" / f"{name}.json")])))
+                                 "--out", str(out / "evals" / f"{name}.json")]), after=out / "models" / name))
         for fraction in FORGET_FRACTIONS:
             cells += [_unlearn(out, name, v, m, fraction) for m in ASCENT_METHODS]
         cells.append(_unlearn(out, name, v, "finetune", None))
@@ -118,10 +119,10 @@ def grid(out: Path) -> list[Cell]:
             cells.append(Cell(label, out / "purified" / label,
                               fixed(["-q", "purify", "-m", str(out / "models" / name), "--clean", v.clean,
                                      "--clean-fraction", str(fraction), "--method", "tsbd",
-                                     "--out", str(out / "purified" / label)])))
+                                     "--out", str(out / "purified" / label)]), after=out / "models" / name))
             cells.append(Cell(f"eval-{label}", out / "evals" / f"{label}.json",
                               fixed(["-q", "eval", "-m", str(out / "purified" / label), "--data", v.data,
-                                     "--out", str(out / "evals" / f"{label}.json")])))
+                                     "--out", str(out / "evals" / f"{label}.json")]), after=out / "purified" / label))
     return cells
 
 

@@ -30,6 +30,10 @@ ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML 
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
 PickleOpt = Annotated[Optional[bool], typer.Option("--allow-pickle", help="allow pickle (.bin) weights: only for files you trust")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter KEY=VALUE (VALUE is YAML); repeatable")]
+# the defender's clean set (purify, scan, detect; unlearn's retain set), drawn from a clean train split
+FractionOpt = Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")]
+SizeOpt = Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")]
+PerClassOpt = Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")]
 
 
 def _version(value: bool) -> None:
@@ -163,9 +167,9 @@ def purify_cmd(
     base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
     method: Annotated[Optional[str], typer.Option(help="purify method: finetune, e-pur, fine-mixing, fine-purifying, fine-pruning, reinit, tsbd")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
-    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
-    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    clean_fraction: FractionOpt = None,
+    clean_size: SizeOpt = None,
+    clean_per_class: PerClassOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
     epur: Annotated[Optional[bool], typer.Option("--epur", help="reset E-PUR's suspicious embedding rows first "
                                                  "(with fine-mixing, fine-purifying, ...; needs --base)")] = None,
@@ -200,9 +204,9 @@ def unlearn_cmd(
     eval_data: Annotated[Optional[str], typer.Option(help="evaluate the result on this data (CACC; ASR and robust "
                                                      "accuracy if poisoned)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    retain_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
-    retain_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
-    retain_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    retain_fraction: FractionOpt = None,
+    retain_size: SizeOpt = None,
+    retain_per_class: PerClassOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the retain-set draw")] = None,
     param: ParamOpt = None,
     config: ConfigOpt = None,
@@ -232,9 +236,9 @@ def scan_cmd(
     top: Annotated[Optional[int], typer.Option(help="suspected trigger tokens listed (default 20)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for JSON, Markdown, CSV and PNG")] = None,
     freq_table: Annotated[Optional[str], typer.Option(help="token -> count table made with the model's tokenizer")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
-    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
-    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    clean_fraction: FractionOpt = None,
+    clean_size: SizeOpt = None,
+    clean_per_class: PerClassOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
     param: ParamOpt = None,
     config: ConfigOpt = None,
@@ -270,9 +274,9 @@ def detect_cmd(
     rate: Annotated[Optional[float], typer.Option(help="flag this share of rows (default 0.1)")] = None,
     threshold: Annotated[Optional[float], typer.Option(help="flag rows with score >= threshold (instead of --rate)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder: scores.csv, flagged.tsv, detect.json")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")] = None,
-    clean_size: Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")] = None,
-    clean_per_class: Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")] = None,
+    clean_fraction: FractionOpt = None,
+    clean_size: SizeOpt = None,
+    clean_per_class: PerClassOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw and of --max-train")] = None,
     max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
