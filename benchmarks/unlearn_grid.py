@@ -164,7 +164,6 @@ def _fmt(m: dict, key: str) -> str:
 
 def write_report(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    walls = {r["cell"]: r["wall_s"] for r in wall_times(out)}
     lines = ["# Unlearning and TSBD on MiniLM victims", "",
              "Command: `python benchmarks/unlearn_grid.py run --workers 2 --reuse runs/purify_grid/models` then "
              "`... report`; every cell is one `unbackdoor` call, listed at the end. Forget sets (oracle, the unlearn "
@@ -207,7 +206,7 @@ def write_report(args: argparse.Namespace) -> None:
                 continue
             rec = record(out / "purified" / label)
             lines.append(f"| tsbd | {rec.get('n_clean', '?')} clean | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
-                         f"{_fmt(m, 'robust_accuracy')} | | {walls.get(label, float('nan')):.0f} | "
+                         f"{_fmt(m, 'robust_accuracy')} | | {rec.get('wall_time_s', float('nan')):.0f} | "
                          f"{rec.get('peak_memory_mb', float('nan')):.0f} |")
         lines.append("")
     lines += ["## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
