@@ -9,11 +9,14 @@ import dataclasses
 import inspect
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from synthetic import TRIGGERS, save_tiny_model
 
+import unbackdoor.defenses.tsbd as tsbd_module
 from unbackdoor.data.sampling import holdout_split
+from unbackdoor.data.types import Dataset
 from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
 from unbackdoor.defenses.common import FixedWeights, finetune_with_selection
 from unbackdoor.defenses.tsbd import (
@@ -21,6 +24,7 @@ from unbackdoor.defenses.tsbd import (
     Tsbd,
     TsbdConfig,
     activeness_aware_finetune,
+    balanced_accuracy,
     clean_unlearn,
     neuron_weight_change,
     normalise_nwc,
@@ -149,6 +153,19 @@ def test_unlearning_stops_at_the_first_check_under_the_threshold(planted) -> Non
     assert records[1.0].steps == 0 and records[1.0].reached
     epoch_only = clean_unlearn(load_classifier(planted.victim_dir), fit, TsbdConfig(unlearn_check_every=0))
     assert all(s % 3 == 0 for s, _ in epoch_only.checks) and epoch_only.steps >= chance.steps  # 80 rows: 3 batches
+
+
+def test_balanced_accuracy_scores_a_collapsed_model_at_chance(planted, monkeypatch) -> None:  # noqa: ANN001
+    """A model predicting one class everywhere has plain accuracy = the majority share (> 1/C on an
+    unbalanced set), so the plain-accuracy stop can never fire; balanced accuracy gives exactly 1/C."""
+    clf = load_classifier(planted.victim_dir)
+    examples = planted.clean.examples
+    rows = [e for e in examples if e.label == 1][:30] + [e for e in examples if e.label == 0][:10]
+    data = Dataset(tuple(rows), 2, "unbalanced")
+    monkeypatch.setattr(tsbd_module, "predict_logits",
+                        lambda clf, rows, batch_size: np.tile([[0.0, 1.0]], (len(rows), 1)))  # always label 1
+    assert balanced_accuracy(clf, data) == 0.5
+    assert TsbdConfig().unlearn_metric == "balanced"
 
 
 # ----------------------------------------------------------------------------- stage 2

@@ -85,7 +85,7 @@ from unbackdoor.defenses.fine_mixing import (
     snapshot_state,
 )
 from unbackdoor.errors import ConfigError, ModelError
-from unbackdoor.inference import collate, encode
+from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.batching import epoch_batches
 from unbackdoor.training.callbacks import Callback, TrainContext
@@ -135,6 +135,11 @@ class TsbdConfig(StrictConfig):
         description="stop when clean fit-split accuracy ≤ this; null = 1/C, chance [RECON; code 0.10]")
     unlearn_check_every: int = Field(
         1, ge=0, description="also check the threshold every k steps (0: epoch ends only, as the code) [RECON]")
+    unlearn_metric: Literal["balanced", "accuracy"] = Field(
+        "balanced", description="what the threshold is checked on: balanced accuracy (mean per-class recall; a "
+        "model collapsed to one class scores exactly 1/C) [RECON: the MiniLM runs at 5 % clean SST-2 did not "
+        "finish under plain accuracy, which a collapsed model keeps at the majority share > 0.5] or plain "
+        "accuracy [CODE]")
     # stage 1: NWC and zeroing
     layer_type: LayerType = Field(
         "linear", description="neurons: rows of nn.Linear weights (default), or LayerNorm γ entries (the code's bn "
@@ -227,8 +232,18 @@ def _unlearn_optimizer(model: torch.nn.Module, config: TsbdConfig) -> torch.opti
     return torch.optim.AdamW(params, lr=config.unlearn_lr, weight_decay=0.0)
 
 
+def balanced_accuracy(clf: Classifier, data: Dataset) -> float:
+    """Mean over the labels present in ``data`` of the share of their rows predicted correctly."""
+    require_clean_dataset(data, "the unlearning data")
+    preds = torch.as_tensor(predict_logits(clf, data.examples, 128).argmax(axis=1))
+    labels = torch.tensor(data.labels)
+    recalls = [float((preds[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    return sum(recalls) / len(recalls)
+
+
 def clean_unlearn(clf: Classifier, data: Dataset, config: TsbdConfig) -> UnlearnRecord:
-    """Gradient ascent on clean cross-entropy, in place, until accuracy on ``data`` ≤ the threshold.
+    """Gradient ascent on clean cross-entropy, in place, until (balanced, by default) accuracy on
+    ``data`` ≤ the threshold.
 
     Spec §3.2: θ ← θ − η·∇(−L_ce), model in train mode, checked at every epoch end and every
     ``unlearn_check_every`` steps; at most ``unlearn_max_epochs``. Seeded batches and dropout; the
@@ -240,7 +255,8 @@ def clean_unlearn(clf: Classifier, data: Dataset, config: TsbdConfig) -> Unlearn
     device = next(model.parameters()).device
     features, labels = encode(clf, data.examples), data.labels
     lengths = [len(f["input_ids"]) for f in features]
-    start = accuracy = evaluate_accuracy(clf, data)
+    measure = balanced_accuracy if config.unlearn_metric == "balanced" else evaluate_accuracy
+    start = accuracy = measure(clf, data)
     steps, epoch, checks = 0, 0, [(0, start)]
     optimizer = _unlearn_optimizer(model, config)
     model.train()
@@ -256,7 +272,7 @@ def clean_unlearn(clf: Classifier, data: Dataset, config: TsbdConfig) -> Unlearn
                 steps += 1
                 every = config.unlearn_check_every
                 if i + 1 == len(batches) or (every and steps % every == 0):
-                    accuracy = evaluate_accuracy(clf, data)
+                    accuracy = measure(clf, data)
                     checks.append((steps, accuracy))
                     if accuracy <= threshold:
                         break
