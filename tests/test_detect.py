@@ -33,7 +33,8 @@ from unbackdoor.detect import (
     standardise,
 )
 from unbackdoor.detect.base import Detection
-from unbackdoor.detect.command import DetectCommand, read_rows_file, run_detect
+from unbackdoor.data.io import read_rows_file
+from unbackdoor.detect.command import DetectCommand, run_detect
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
 from unbackdoor.optim.multilevel import hypergradient, unroll

@@ -19,9 +19,8 @@ from unbackdoor.data.io import (
     is_poisoned_folder,
     load_any,
     load_task,
-    read_rows,
+    read_rows_file,
     resolve_data_path,
-    rows_to_examples,
     split_file,
     write_poisoned_task,
 )
@@ -216,8 +215,7 @@ def load_forget_rows(spec: str, like: Dataset) -> Dataset:
         raise DataError(f"{spec}: no such forget file or folder")
     elif path.suffix not in FORMATS:
         raise DataError(f"{spec}: a forget file must be .tsv, .csv or .jsonl")
-    examples = rows_to_examples(read_rows(path), path, "forget")
-    return Dataset(tuple(examples), like.num_labels, f"{spec}:forget", like.label_names)
+    return read_rows_file(path, like.num_labels, like.label_names, split="forget", name=f"{spec}:forget")
 
 
 def load_training_rows(spec: str) -> Dataset:

@@ -353,8 +353,11 @@ def load_any(spec: str | Path) -> Task | PoisonedTask:
 
 
 # ----------------------------------------------------------------------------- writing
-def _write_tsv(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None) -> None:
-    pair = examples[0].text_pair is not None
+def _write_tsv(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None,
+               pair: bool | None = None) -> None:
+    """``id``, text column(s), ``label`` (+ ``extra``) as TSV; whitespace in texts collapses to single
+    spaces (no quoting). ``pair`` defaults to the first row's."""
+    pair = examples[0].text_pair is not None if pair is None else pair
     cols = ["id", "sentence1", "sentence2", "label"] if pair else ["id", "sentence", "label"]
     extra = extra or {}
     with path.open("w", encoding="utf-8", newline="\n") as fh:
@@ -366,7 +369,8 @@ def _write_tsv(path: Path, examples: Sequence[Example], extra: dict[str, Sequenc
             fh.write("\t".join(cells) + "\n")
 
 
-def _write_jsonl(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None) -> None:
+def _write_jsonl(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None,
+                 pair: bool | None = None) -> None:
     """The columns of :func:`_write_tsv` as JSONL, text kept exactly (newlines included)."""
     extra = extra or {}
     with path.open("w", encoding="utf-8", newline="\n") as fh:
@@ -374,6 +378,24 @@ def _write_jsonl(path: Path, examples: Sequence[Example], extra: dict[str, Seque
             texts = {"sentence1": e.text, "sentence2": e.text_pair} if e.text_pair is not None else {"sentence": e.text}
             row = {"id": e.id, **texts, "label": e.label, **{k: extra[k][i] for k in extra}}
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def write_rows_file(path: Path, examples: Sequence[Example], pair: bool) -> None:
+    """Rows as one dataset file (``id``, text column(s), ``label``): TSV (whitespace collapsed) or
+    JSONL (text kept exactly), by ``path``'s suffix; readable by :func:`read_rows_file`."""
+    writers = {".tsv": _write_tsv, ".jsonl": _write_jsonl}
+    if path.suffix not in writers:
+        raise DataError(f"{path}: a rows file is written as .tsv or .jsonl")
+    writers[path.suffix](path, examples, pair=pair)
+
+
+def read_rows_file(path: str | Path, num_labels: int, label_names: tuple[str, ...] | None = None, *,
+                   split: str = "rows", name: str | None = None) -> Dataset:
+    """A single TSV/CSV/JSONL dataset file (e.g. a detector's ``flagged.tsv``) as a :class:`Dataset`;
+    ``split`` names the rows in error messages."""
+    path = Path(path)
+    examples = rows_to_examples(read_rows(path), path, split)
+    return Dataset(tuple(examples), num_labels, name or str(path), label_names)
 
 
 def _needs_jsonl(task: PoisonedTask) -> bool:

@@ -85,6 +85,7 @@ from unbackdoor.defenses.fine_mixing import (
     snapshot_state,
 )
 from unbackdoor.errors import ConfigError, ModelError
+from unbackdoor.evaluate import per_class_accuracy
 from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.batching import epoch_batches
@@ -235,9 +236,8 @@ def _unlearn_optimizer(model: torch.nn.Module, config: TsbdConfig) -> torch.opti
 def balanced_accuracy(clf: Classifier, data: Dataset) -> float:
     """Mean over the labels present in ``data`` of the share of their rows predicted correctly."""
     require_clean_dataset(data, "the unlearning data")
-    preds = torch.as_tensor(predict_logits(clf, data.examples, 128).argmax(axis=1))
-    labels = torch.tensor(data.labels)
-    recalls = [float((preds[labels == c] == c).float().mean()) for c in labels.unique().tolist()]
+    preds = predict_logits(clf, data.examples, 128).argmax(axis=1)
+    recalls = [r for r in per_class_accuracy(data.labels, preds, data.num_labels) if r is not None]
     return sum(recalls) / len(recalls)
 
 

@@ -17,7 +17,7 @@ Output folder (written atomically):
   (rank 1 = most suspicious);
 * ``flagged.tsv``: the flagged rows with the labels they were trained on, as a dataset file
   (``id``, ``sentence`` [or ``sentence1``, ``sentence2``], ``label``); the package's task loaders
-  read folders with train/dev/test splits, so read this single file with :func:`read_rows_file`
+  read folders with train/dev/test splits, so read this single file with :func:`unbackdoor.data.io.read_rows_file`
   (what ``unlearn --forget`` needs: a :class:`~unbackdoor.data.Dataset`);
 * ``detect.json``: method, configs, counts, which parameters were unrolled, wall time.
 """
@@ -33,7 +33,7 @@ from pydantic import Field
 
 from unbackdoor import __version__
 from unbackdoor.config import StrictConfig, build_config
-from unbackdoor.data.io import load_any, load_task, read_rows, rows_to_examples
+from unbackdoor.data.io import load_any, load_task, write_rows_file
 from unbackdoor.data.sampling import normalise_text, sample_subset
 from unbackdoor.data.types import Dataset, PoisonedTask, Task
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule
@@ -135,7 +135,8 @@ def run_detect(cmd: DetectCommand) -> dict[str, Any]:
     }
     with atomic_output_dir(out, cmd.overwrite) as work:
         write_scores(detection, work / SCORES_FILE)
-        write_rows_file(detection.flagged, rows, work / FLAGGED_FILE)
+        flagged = detection.flagged
+        write_rows_file(work / FLAGGED_FILE, flagged.examples if flagged is not None else (), rows.is_pair)
         write_json(work / RECORD_FILE, record)
     logger.info("flagged %d of %d rows -> %s", len(detection.flagged_ids), len(rows), out)
     return record
@@ -157,21 +158,3 @@ def write_scores(detection: Detection, path: Path) -> None:
         for e, score, rank in zip(detection.rows, detection.scores.tolist(), detection.ranks(), strict=True):
             writer.writerow([e.id, e.text, *([e.text_pair] if pair else []), e.label, f"{score:.6g}", rank,
                              int(e.id in flagged)])
-
-
-def write_rows_file(data: Dataset | None, like: Dataset, path: Path) -> None:
-    """Rows as a TSV dataset file (``id``, text column(s), ``label``); whitespace in texts collapses to
-    single spaces (the file has no quoting). ``None`` writes the header only."""
-    cols = ["id", "sentence1", "sentence2", "label"] if like.is_pair else ["id", "sentence", "label"]
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        fh.write("\t".join(cols) + "\n")
-        for e in data or ():
-            texts = [e.text, e.text_pair] if like.is_pair else [e.text]
-            fh.write("\t".join([e.id, *(" ".join(str(t).split()) for t in texts), str(e.label)]) + "\n")
-
-
-def read_rows_file(path: str | Path, num_labels: int, label_names: tuple[str, ...] | None = None) -> Dataset:
-    """A single TSV/CSV/JSONL dataset file (e.g. ``flagged.tsv``) as a :class:`Dataset`."""
-    path = Path(path)
-    examples = rows_to_examples(read_rows(path), path, "rows")
-    return Dataset(tuple(examples), num_labels, str(path), label_names)

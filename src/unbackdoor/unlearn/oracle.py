@@ -9,11 +9,11 @@ module: a method receives only the resulting forget :class:`~unbackdoor.data.Dat
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from pathlib import Path
 
+from unbackdoor.data.io import write_rows_file
 from unbackdoor.data.types import Dataset, PoisonedTask
 from unbackdoor.errors import ConfigError
 
@@ -39,8 +39,5 @@ def write_forget_file(forget: Dataset, path: str | Path) -> Path:
     if path.suffix != ".jsonl":
         raise ConfigError(f"{path}: a forget file is written as .jsonl")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for e in forget:
-            texts = {"sentence1": e.text, "sentence2": e.text_pair} if e.text_pair is not None else {"sentence": e.text}
-            fh.write(json.dumps({"id": e.id, **texts, "label": e.label}, ensure_ascii=False) + "\n")
+    write_rows_file(path, forget.examples, forget.is_pair)
     return path
