@@ -22,6 +22,7 @@ from unbackdoor.errors import ConfigError
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.epur import EpurConfig, apply_epur
 from unbackdoor.evaluate import EvalResult, evaluate_classifier
+import unbackdoor.detect  # noqa: F401 - registers the reweight training defence
 import unbackdoor.musclelora  # noqa: F401 - registers the lora and musclelora training defences
 from unbackdoor.models.loading import Classifier, load_classifier
 from unbackdoor.training.config import TrainConfig, victim_train_config  # noqa: F401 - re-exported

@@ -14,9 +14,6 @@ Importing this package registers the ``reweight`` and ``loss`` detectors and the
 training defence.
 """
 
-# The training package first: its defence registry imports this package's ``defense`` module at its
-# end, which needs the training names loaded (see the end of unbackdoor/training/defense.py).
-import unbackdoor.training  # noqa: F401  # isort: skip
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
 from unbackdoor.detect.defense import ReweightDefense, ReweightDefenseConfig
 from unbackdoor.detect.features import FeatureData, feature_data, sentence_features, standardise

@@ -6,8 +6,8 @@ pre-trained model (loaded as a classifier), the training rows **without poison f
 poison flags and triggered sets by type, so no defence can read which rows are bad.
 
 Registry :data:`TRAIN_DEFENSES`: ``none`` (plain full fine-tuning, here), ``lora`` /
-``musclelora`` (:mod:`unbackdoor.musclelora`, registered when that package is imported) and
-``reweight`` (:mod:`unbackdoor.detect.defense`, imported at the end of this module).
+``musclelora`` (:mod:`unbackdoor.musclelora`) and ``reweight`` (:mod:`unbackdoor.detect`), each
+registered when its package is imported (:mod:`unbackdoor.pipeline` imports both).
 """
 
 from __future__ import annotations
@@ -121,8 +121,3 @@ class PlainFinetune(TrainDefense[NoDefenseConfig]):
         result = train_classifier(inputs.model, inputs.rows, config, dev=inputs.dev, callbacks=observers,
                                   work_dir=work_dir)
         return TrainDefenseResult(inputs.model, result, {"method": self.name, "train": config.model_dump()})
-
-
-# Registers ``reweight`` (unbackdoor.detect.defense). Last on purpose: that module imports the names
-# above, and the detect package first imports this package (see unbackdoor/detect/__init__.py).
-import unbackdoor.detect.defense  # noqa: E402,F401
