@@ -24,7 +24,11 @@ class Cell:
     name: str
     output: Path
     args: Callable[[], list[str]]  # ``unbackdoor`` arguments; may wait for the cells it depends on
-    after: Path | None = None  # an output this cell reads: the cell is not claimed before it exists
+    after: Path | tuple[Path, ...] | None = None  # outputs this cell reads: not claimed before they exist
+
+    def ready(self) -> bool:
+        needed = (self.after,) if isinstance(self.after, Path) else (self.after or ())
+        return all(p.exists() for p in needed)
 
 
 def fixed(args: list[str]) -> Callable[[], list[str]]:
@@ -59,7 +63,7 @@ def _one_pass(out: Path, grid: Sequence[Cell]) -> list[Cell]:
     for cell in grid:
         if cell.output.exists():
             continue
-        if cell.after is not None and not cell.after.exists():
+        if not cell.ready():
             waiting.append(cell)
             continue
         if not claim(out, cell):

@@ -1,6 +1,7 @@
 """Issue-7 acceptance grid: find the poisoned rows without flags, then unlearn them.
 
-    python benchmarks/detect_grid.py run [--out runs/detect_grid] [--workers 2] [--victims runs/unlearn_grid/models]
+    python benchmarks/detect_grid.py pilot [--out runs/detect_grid]   # the reweight defaults, on a development attack
+    python benchmarks/detect_grid.py run [--out runs/detect_grid] [--workers 2] [--reuse runs]
     python benchmarks/detect_grid.py report [--out runs/detect_grid] [--md docs/results/detect.md]
 
 Cells (``benchmarks/cells.py``; each one ``unbackdoor`` call): ``detect`` with bilevel and trilevel
@@ -16,6 +17,8 @@ import argparse
 import csv
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from cells import Cell, fixed, record, spawn, wall_times, work
@@ -32,7 +35,68 @@ def datasets(out: Path) -> dict[str, str]:
             "synbkd-hiddenkiller": "sst2/synbkd_hiddenkiller_p20", "badnets-dirty": str(out / "data" / "badnets-dirty")}
 
 
-def grid(out: Path, victims: Path) -> list[Cell]:
+# Development attack for choosing the reweight detector's defaults: our AddSent on OLID (another task,
+# another trigger than the four acceptance sets), 3,000 training rows. Its flags score the candidates.
+DEV_DATA = "olid-addsent-dev"
+DEV_CANDIDATES = {"default": [], "outer_lr=0.3": ["-p", "outer_lr=0.3"], "outer_lr=0.03": ["-p", "outer_lr=0.03"],
+                  "inner_steps=10": ["-p", "inner_steps=10"], "pooling=cls": ["-p", "pooling=cls"],
+                  "epochs=40": ["-p", "epochs=40"], "levels=3": ["-p", "levels=3"],
+                  # second round: the two best single changes of the first round, combined
+                  "pooling=cls+outer_lr=0.3": ["-p", "pooling=cls", "-p", "outer_lr=0.3"],
+                  "pooling=cls+inner_steps=10": ["-p", "pooling=cls", "-p", "inner_steps=10"]}
+
+
+def pilot_grid(out: Path) -> list[Cell]:
+    data = out / "data" / DEV_DATA
+    cells = [Cell(f"data-{DEV_DATA}", data,
+                  fixed(["-q", "attack", "--data", "olid", "--attack", "addsent", "--poison-rate", "0.1",
+                         "--out", str(data)]))]
+    for label, params in DEV_CANDIDATES.items():
+        target = out / "pilot" / f"reweight-{label}"
+        cells.append(Cell(f"pilot-reweight-{label}", target,
+                          fixed(["-q", "detect", "--data", str(data), "--clean", "olid", "--clean-fraction", "0.01",
+                                 "--max-train", "3000", "--method", "reweight", *params, "--rate", "0.1",
+                                 "--out", str(target)]), after=data))
+    target = out / "pilot" / "loss"
+    cells.append(Cell("pilot-loss", target,
+                      fixed(["-q", "detect", "--data", str(data), "--clean", "olid", "--clean-fraction", "0.01",
+                             "--max-train", "3000", "--method", "loss", "--rate", "0.1", "--out", str(target)]),
+                      after=data))
+    return cells
+
+
+def _victim(out: Path, name: str, data: str) -> tuple[Path, list[Cell]]:
+    """The MiniLM victim trained on ``data`` (copied in by ``--reuse`` when another grid has it)."""
+    victim = out / "victims" / name
+    return victim, [Cell(f"victim-{name}", victim, fixed(["-q", "train", "--data", data, "--out", str(victim)]))]
+
+
+def _oracle_forget(out: Path, data: str, name: str) -> Callable[[], list[str]]:
+    """All truly poisoned rows as a forget file (benchmark-only truth: the oracle baseline (c))."""
+    def args() -> list[str]:
+        from unbackdoor.data import load_poisoned_task
+        from unbackdoor.unlearn.oracle import forget_from_flags, write_forget_file
+
+        path = out / "forget" / f"{name}-oracle.jsonl"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_forget_file(forget_from_flags(load_poisoned_task(data), 1.0, seed=0), path)
+        return [str(path)]
+    return args
+
+
+def _lya(out: Path, name: str, data: str, victim: Path, label: str, forget: Callable[[], list[str]],
+         after: tuple[Path, ...]) -> Cell:
+    target = out / "unlearned" / f"{name}-lya-{label}"
+    return Cell(f"lya-{label}-{name}", target,
+                lambda: ["-q", "unlearn", "-m", str(victim), "--forget", *forget(), "--retain", "sst2",
+                         "--retain-fraction", "0.05", "--method", "lya", "--eval-data", data, "--out", str(target)],
+                after=after)
+
+
+def grid(out: Path) -> list[Cell]:
+    """Detection (cheap) first, then LYA with detected and oracle forget sets, then reweighted
+    training (one full training per set)."""
     cells = [Cell("data-badnets-dirty", out / "data" / "badnets-dirty",
                   fixed(["-q", "attack", "--data", "sst2", "--attack", "badnets", "--poison-rate", "0.1",
                          "--out", str(out / "data" / "badnets-dirty")]))]
@@ -42,29 +106,75 @@ def grid(out: Path, victims: Path) -> list[Cell]:
             cells.append(Cell(f"detect-{name}-{label}", target,
                               fixed(["-q", "detect", "--data", data, "--clean", "sst2", "--clean-fraction", "0.01",
                                      "--method", method, *params, "--rate", "0.1", "--out", str(target)])))
+    floor_model, train_floor = _victim(out, "never-poisoned", "sst2")
+    cells += train_floor
     for name, data in datasets(out).items():
-        victim, flagged = victims / name, out / "detect" / f"{name}-{UNLEARN_DETECTOR}"
-        if not victim.exists():  # victims come from unlearn_grid.py (our BadNets, SynBkd)
-            continue
-        target = out / "unlearned" / f"{name}-lya-detected"
-        cells.append(Cell(f"lya-detected-{name}", target,
-                          fixed(["-q", "unlearn", "-m", str(victim), "--forget", str(flagged / "flagged.tsv"),
-                                 "--retain", "sst2", "--retain-fraction", "0.05", "--method", "lya",
-                                 "--eval-data", data, "--out", str(target)]), after=flagged))
+        victim, train = _victim(out, name, data)
+        cells += train
+        for role, model in (("victim", victim), ("floor", floor_model)):
+            target = out / "evals" / f"{role}-{name}.json"
+            cells.append(Cell(f"eval-{role}-{name}", target,
+                              fixed(["-q", "eval", "-m", str(model), "--data", data, "--out", str(target)]), after=model))
+        flagged = out / "detect" / f"{name}-{UNLEARN_DETECTOR}"
+        cells.append(_lya(out, name, data, victim, "detected", fixed([str(flagged / "flagged.tsv")]),
+                          after=(victim, flagged)))
+        cells.append(_lya(out, name, data, victim, "oracle", _oracle_forget(out, data, name), after=(victim,)))
     for name, data in datasets(out).items():
         target = out / "models" / f"{name}-reweight"
         cells.append(Cell(f"reweight-{name}", target,
                           fixed(["-q", "train", "--data", data, "--defense", "reweight", "--out", str(target)])))
+        cells.append(Cell(f"eval-reweight-{name}", out / "evals" / f"{name}-reweight.json",
+                          fixed(["-q", "eval", "-m", str(target), "--data", data,
+                                 "--out", str(out / "evals" / f"{name}-reweight.json")]), after=target))
     return cells
 
 
+REUSE = {"badnets-dirty": "unlearn_grid/models/badnets-dirty", "synbkd-hiddenkiller": "unlearn_grid/models/synbkd-hiddenkiller",
+         "addsent": "purify_grid/models/addsent", "never-poisoned": "purify_grid/models/never-poisoned"}
+# (victims of the same recipe under runs/)
+
+
+def reuse_victims(out: Path, runs: Path) -> None:
+    """Copy victims trained with the same recipe by the other grids; victims already here are kept."""
+    for name, rel in REUSE.items():
+        src, dst = runs / rel, out / "victims" / name
+        if src.exists() and not dst.exists():
+            partial = dst.with_name(f".{dst.name}.partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            shutil.copytree(src, partial)
+            partial.rename(dst)
+
+
 def run_grid(args: argparse.Namespace) -> None:
-    (Path(args.out) / "data").mkdir(parents=True, exist_ok=True)
-    spawn(__file__, args.out, args.workers, extra=["--victims", args.victims])
+    out = Path(args.out)
+    for sub in ("data", "victims"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        reuse_victims(out, Path(args.reuse))
+    spawn(__file__, args.out, args.workers)
 
 
 def run_worker(args: argparse.Namespace) -> None:
-    work(Path(args.out), grid(Path(args.out), Path(args.victims)))
+    work(Path(args.out), grid(Path(args.out)))
+
+
+def run_pilot(args: argparse.Namespace) -> None:
+    """The development-attack cells only (one worker), then their scores."""
+    out = Path(args.out)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    work(out, pilot_grid(out))
+    for line in pilot_lines(out):
+        print(line)
+
+
+def pilot_lines(out: Path) -> list[str]:
+    walls = {r["cell"]: r["wall_s"] for r in wall_times(out)}
+    lines = ["| candidate | precision % | recall % | AUROC | s |", "|---|---:|---:|---:|---:|"]
+    for folder in sorted((out / "pilot").glob("[!.]*")):
+        m = detection_scores(folder, str(out / "data" / DEV_DATA))
+        lines.append(f"| {folder.name} | {100 * m['precision']:.1f} | {100 * m['recall']:.1f} | {m['auroc']:.3f} | "
+                     f"{walls.get(f'pilot-{folder.name}', float('nan')):.0f} |")
+    return lines
 
 
 def detection_scores(folder: Path, data: str) -> dict[str, float]:
@@ -82,31 +192,73 @@ def detection_scores(folder: Path, data: str) -> dict[str, float]:
             "auroc": auroc([float(r["score"]) for r in rows], truth), "n_poisoned": sum(truth), "n_rows": len(rows)}
 
 
+def _row(label: str, m: dict, wall: float | None = None, peak: float | None = None) -> str:
+    def pct(key: str) -> str:
+        return f"{100 * m[key]:.1f}" if m.get(key) is not None else "—"
+    num = (lambda v: f"{v:.0f}" if v is not None else "")
+    return f"| {label} | {pct('cacc')} | {pct('asr')} | {pct('robust_accuracy')} | {num(wall)} | {num(peak)} |"
+
+
+def outcome_lines(out: Path, name: str) -> list[str]:
+    """Victim, floor, LYA (detected / oracle forget set) and reweighted training on one data set."""
+    lines = [f"### {name}", "", "| model | CACC % | ASR % | RA % | s | peak MB |", "|---|---:|---:|---:|---:|---:|"]
+    for role, label in (("victim", "victim (no defence)"), ("floor", "never-poisoned (floor)")):
+        path = out / "evals" / f"{role}-{name}.json"
+        if path.exists():
+            lines.append(_row(label, record(path)))
+    for label in ("detected", "oracle"):
+        folder = out / "unlearned" / f"{name}-lya-{label}"
+        if folder.exists():
+            rec = record(folder)
+            lines.append(_row(f"(b/c) LYA, {label} forget set ({rec['n_forget']} rows)", rec["metrics"],
+                              rec["wall_time_s"], rec["peak_memory_mb"]))
+    path = out / "evals" / f"{name}-reweight.json"
+    if path.exists():
+        rec = record(out / "models" / f"{name}-reweight")
+        training = rec.get("training", {})
+        lines.append(_row("(a) reweighted training", record(path), training.get("wall_time_s"),
+                          training.get("peak_memory_mb", rec.get("peak_memory_mb"))))
+    return lines + [""]
+
+
 def write_report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     walls = {r["cell"]: r["wall_s"] for r in wall_times(out)}
     lines = ["# Detecting poisoned rows, then unlearning them", "",
-             "Command: `python benchmarks/detect_grid.py run --workers 2 --victims runs/unlearn_grid/models` then "
-             "`... report`. Detection: 1 % clean SST-2 rows (69), MiniLM features, 10 % of rows flagged. Precision, "
-             "recall and AUROC against the true flags (read here only).", "",
-             "| data | detector | poisoned rows | precision % | recall % | AUROC | s |", "|---|---|---:|---:|---:|---:|---:|"]
+             "Command: `python benchmarks/detect_grid.py pilot`, then `python benchmarks/detect_grid.py run --workers 2 "
+             "--reuse runs` (victims of the same recipe from `unlearn_grid.py` / `purify_grid.py` are copied, the "
+             "others trained), then `... report`. Every cell is one `unbackdoor` call, listed at the end. Detection: "
+             "1 % clean SST-2 rows (69) as the defender's clean set, frozen MiniLM features, 10 % of rows flagged "
+             "(the defender does not know the poison rate). Precision, recall and AUROC against the true flags, "
+             "read by this report only. One seed; times are on a shared 2-core machine (indicative).", ""]
+    notes = Path(__file__).with_name("detect_notes.md")
+    if notes.exists():
+        lines += [notes.read_text(encoding="utf-8").strip(), ""]
+    lines += ["## Detection", "", "| data | detector | poisoned rows | precision % | recall % | AUROC | s | peak MB |",
+              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, data in datasets(out).items():
         for label in DETECTORS:
             folder = out / "detect" / f"{name}-{label}"
             if not folder.exists():
                 continue
             m = detection_scores(folder, data)
+            peak = record(folder / "detect.json").get("peak_memory_mb", float("nan"))
             lines.append(f"| {name} | {label} | {m['n_poisoned']} / {m['n_rows']} | {100 * m['precision']:.1f} | "
-                         f"{100 * m['recall']:.1f} | {m['auroc']:.3f} | {walls.get(f'detect-{name}-{label}', float('nan')):.0f} |")
-    lines += ["", "| data | model | CACC % | ASR % | s |", "|---|---|---:|---:|---:|"]
+                         f"{100 * m['recall']:.1f} | {m['auroc']:.3f} | "
+                         f"{walls.get(f'detect-{name}-{label}', float('nan')):.0f} | {peak:.0f} |")
+    lines += ["", "## Defences: (a) reweighted training, (b) LYA with the detected forget set, (c) LYA with the "
+              "oracle forget set", "",
+              f"LYA's detected forget set is the `{UNLEARN_DETECTOR}` detector's flagged rows; the oracle one is every "
+              "truly poisoned row. Retain set: 5 % of clean SST-2 (346 rows). RA = accuracy on the triggered test "
+              "rows w.r.t. their true labels.", ""]
     for name in datasets(out):
-        for folder in (out / "unlearned" / f"{name}-lya-detected", out / "models" / f"{name}-reweight"):
-            if folder.exists():
-                rec = record(folder)
-                m = rec["metrics"]
-                lines.append(f"| {name} | {folder.name} | {100 * m['cacc']:.1f} | {100 * m.get('asr', float('nan')):.1f} | "
-                             f"{rec.get('wall_time_s') or rec['training']['wall_time_s']:.0f} |")
-    lines += ["", "## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
+        lines += outcome_lines(out, name)
+    if (out / "pilot").exists():
+        lines += ["## Choosing the reweight defaults on a development attack", "",
+                  "Our AddSent (dirty label, 10 %) on OLID, 3,000 training rows, 1 % clean OLID rows: another task and "
+                  "trigger than the four sets above. Candidates (`-p` changes from the defaults before this pilot: "
+                  "outer_lr 0.1, inner_steps 5, epochs 20, mean pooling, levels 2):", "", *pilot_lines(out), ""]
+    lines += ["## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps({"wrote": args.md}))
@@ -115,17 +267,17 @@ def write_report(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("run", "work", "report"):
+    for name in ("run", "work", "pilot", "report"):
         p = sub.add_parser(name)
         p.add_argument("--out", default="runs/detect_grid")
-        if name in ("run", "work"):
-            p.add_argument("--victims", default="runs/unlearn_grid/models")
         if name == "run":
             p.add_argument("--workers", type=int, default=2)
+            p.add_argument("--reuse", help="the runs/ folder of unlearn_grid.py and purify_grid.py, whose victims "
+                           "(same recipe) are copied instead of trained again")
         if name == "report":
             p.add_argument("--md", default="docs/results/detect.md")
     args = parser.parse_args()
-    {"run": run_grid, "work": run_worker, "report": write_report}[args.command](args)
+    {"run": run_grid, "work": run_worker, "pilot": run_pilot, "report": write_report}[args.command](args)
 
 
 if __name__ == "__main__":

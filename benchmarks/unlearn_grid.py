@@ -33,7 +33,6 @@ class Victim:
     clean: str  # the clean task the retain / TSBD sets are drawn from
     train_args: tuple[str, ...] = ()  # extra ``unbackdoor train`` flags
     reuse_as: str | None = None  # the victim's name in a purify_grid models folder
-    retrain: bool = True
 
     @property
     def floor_model(self) -> str:
@@ -46,8 +45,7 @@ def victims(out: Path) -> dict[str, Victim]:
         "badnets-dirty": Victim(str(out / "data" / "badnets-dirty"), "sst2", reuse_as="badnets-dirty-ours"),
         "synbkd-hiddenkiller": Victim("sst2/synbkd_hiddenkiller_p20", "sst2", reuse_as="synbkd-hiddenkiller"),
         # code: 2,000 training rows at 256 tokens (CPU budget); the trigger survives truncation in ~62 %
-        "devign-dci": Victim("devign/dci_trojanedcm_p5", "devign", ("--max-train", "2000", "--max-length", "256"),
-                             retrain=False),
+        "devign-dci": Victim("devign/dci_trojanedcm_p5", "devign", ("--max-train", "2000", "--max-length", "256")),
     }
 
 
@@ -57,32 +55,50 @@ RETAIN_FRACTION = 0.05
 TSBD_FRACTIONS = (0.01, 0.05)
 
 
-def _forget_file(out: Path, name: str, v: Victim, fraction: float) -> Callable[[], list[str]]:
-    """Write the oracle forget file first (benchmark-only truth), then return the unlearn command."""
+def _victim_task(v: Victim):  # -> PoisonedTask, as the victim was trained
+    from unbackdoor.data import load_poisoned_task
+    from unbackdoor.pipeline import subsample_poisoned
+
+    max_train = int(v.train_args[v.train_args.index("--max-train") + 1]) if "--max-train" in v.train_args else None
+    return subsample_poisoned(load_poisoned_task(v.data), max_train, 0)
+
+
+def _forget_file(out: Path, name: str, v: Victim, fraction: float, benign: float = 0.0) -> Callable[[], list[str]]:
+    """Write the oracle forget file first (benchmark-only truth), then return its path. ``benign``:
+    add this many clean training rows per poisoned row (an imperfect identification, for repair's
+    claim that erase-only methods suffer when benign rows are flagged too)."""
     def args() -> list[str]:
-        from unbackdoor.data import load_poisoned_task
-        from unbackdoor.pipeline import subsample_poisoned
+        import random
+
         from unbackdoor.unlearn.oracle import forget_from_flags, write_forget_file
 
-        path = out / "forget" / f"{name}-{fraction:g}.jsonl"
+        path = out / "forget" / (f"{name}-{fraction:g}" + (f"-benign{benign:g}" if benign else "") + ".jsonl")
         if not path.exists():
-            max_train = int(v.train_args[1]) if "--max-train" in v.train_args else None
-            task = subsample_poisoned(load_poisoned_task(v.data), max_train, 0)  # as the victim was trained
-            write_forget_file(forget_from_flags(task, fraction, seed=0), path)
+            task = _victim_task(v)
+            forget = forget_from_flags(task, fraction, seed=0)
+            if benign:
+                clean_ids = sorted(set(task.train.ids) - task.flags.poisoned_ids)
+                extra = random.Random(1).sample(clean_ids, round(benign * len(forget)))
+                forget = task.train.select(sorted(set(forget.ids) | set(extra)), f"{forget.name}+{benign:g} benign")
+            write_forget_file(forget, path)
         return [str(path)]
     return args
 
 
-def _unlearn(out: Path, name: str, v: Victim, method: str, fraction: float | None) -> Cell:
-    label = f"{name}-{method}" + (f"-{fraction:g}" if fraction is not None else "")
+def _unlearn(out: Path, name: str, v: Victim, method: str, fraction: float | None, benign: float = 0.0) -> Cell:
+    label = f"{name}-{method}" + (f"-{fraction:g}" if fraction is not None else "") + (f"-benign{benign:g}" if benign else "")
     target = out / "unlearned" / label
-    forget = _forget_file(out, name, v, fraction if fraction is not None else 1.0)
+    forget = _forget_file(out, name, v, fraction if fraction is not None else 1.0, benign)
 
     def args() -> list[str]:
         cmd = ["-q", "unlearn", "-m", str(out / "models" / name), "--forget", *forget(), "--retain", v.clean,
                "--retain-fraction", str(RETAIN_FRACTION), "--method", method, "--eval-data", v.data, "--out", str(target)]
+        if method == "repair":  # experimental; its default reference model is trained from the base
+            cmd += ["--base", "default"]
         if method == "retrain":
             cmd += ["--base", "default", "--train-data", v.data]
+            if "--max-train" in v.train_args:  # the victim's seeded subsample
+                cmd += ["--max-train", v.train_args[v.train_args.index("--max-train") + 1]]
         return cmd
     return Cell(label, target, args, after=out / "models" / name)
 
@@ -101,10 +117,13 @@ def grid(out: Path) -> list[Cell]:
     cells = [Cell("data-badnets-dirty", out / "data" / "badnets-dirty",
                   fixed(["-q", "attack", "--data", "sst2", "--attack", "badnets", "--poison-rate", "0.1",
                          "--out", str(out / "data" / "badnets-dirty")]))]
-    retrain = [_unlearn(out, name, v, "retrain", 1.0) for name, v in victims(out).items() if v.retrain]
+    # retraining (one full training per cell) after the cheaper cells: 100 % first, the code task last
+    retrain = [_unlearn(out, name, v, "retrain", f) for f in sorted(FORGET_FRACTIONS, reverse=True)
+               for name, v in victims(out).items()]
+    retrain.sort(key=lambda c: c.name.startswith("devign"))
     for name, v in victims(out).items():
-        if name == "devign-dci":  # the SST-2 retraining baselines before the (slow) code task
-            cells += retrain
+        if name == "devign-dci":  # the SST-2 retraining baseline with every poisoned row before the code task
+            cells += [c for c in retrain if c.name.endswith("-retrain-1") and not c.name.startswith("devign")]
         cells += _floor_cells(out, name, v)
         cells.append(Cell(f"victim-{name}", out / "models" / name,
                           fixed(["-q", "train", "--data", v.data, *v.train_args, "--out", str(out / "models" / name)])))
@@ -123,7 +142,13 @@ def grid(out: Path) -> list[Cell]:
             cells.append(Cell(f"eval-{label}", out / "evals" / f"{label}.json",
                               fixed(["-q", "eval", "-m", str(out / "purified" / label), "--data", v.data,
                                      "--out", str(out / "evals" / f"{label}.json")]), after=out / "purified" / label))
-    return cells
+    # experimental repair (issue 5's optional part): the SST-2 victims, 10 % / 100 % forget sets, and
+    # the claim it rests on: a forget set holding as many benign rows as poisoned ones, vs LYA
+    repair = [_unlearn(out, name, v, "repair", f) for name, v in victims(out).items() if name != "devign-dci"
+              for f in (1.0, 0.1)]
+    repair += [_unlearn(out, "badnets-dirty", victims(out)["badnets-dirty"], m, 1.0, benign=1.0) for m in ("repair", "lya")]
+    late = [c for c in retrain if c not in cells]
+    return cells + [c for c in late if not c.name.startswith("devign")] + repair + [c for c in late if c.name.startswith("devign")]
 
 
 def reuse_victims(out: Path, source: Path) -> None:

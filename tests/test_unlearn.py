@@ -269,7 +269,7 @@ def test_finetune_baseline_trains_on_retain_rows_only(planted, monkeypatch: pyte
 
 
 def test_registry_requirements_and_construction() -> None:
-    assert UNLEARN_METHODS.names() == ["finetune", "gradient-ascent", "lya", "retrain"]
+    assert UNLEARN_METHODS.names() == ["finetune", "gradient-ascent", "lya", "repair", "retrain"]
     for name in UNLEARN_METHODS.names():
         cls = UNLEARN_METHODS.get(name)
         assert vars(cls()) == {"config": cls.config_class()}
@@ -318,7 +318,7 @@ def test_oracle_forget_set_is_a_seeded_fraction_of_the_flagged_rows_as_trained(p
     with pytest.raises(ConfigError):
         forget_from_flags(planted.poisoned, 0.0)
     package = Path(inspect.getfile(UnlearnInputs)).parent
-    for module in ("ascent", "base", "ewc", "finetune", "gradient_ascent", "lya", "retrain"):
+    for module in ("ascent", "base", "ewc", "finetune", "gradient_ascent", "lya", "repair", "retrain"):
         imported = _imported_names(package / f"{module}.py")
         assert not {"unbackdoor.unlearn.oracle", "forget_from_flags", "PoisonFlags", "PoisonedTask"} & imported, module
 

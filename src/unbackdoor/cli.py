@@ -109,8 +109,15 @@ def _command_config(cls: type, config: Path | None, flags: dict[str, Any]) -> An
 def attack(
     data: Annotated[Optional[str], typer.Option(help="clean data folder or name under the data root (e.g. sst2)")] = None,
     attack: Annotated[Optional[str], typer.Option(
-        "--attack", "-a", help="attack: badnets, addsent, deadcode (source code)")] = None,
+        "--attack", "-a", help="data attacks: badnets, addsent, deadcode (source code), synbkd, stylebkd (published "
+        "paraphrase sets, loaded as released: -p source=...); weight attacks (need --victim-out): ep (embedding "
+        "poisoning), lwp (layer-wise poisoning)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for the poisoned data")] = None,
+    victim_out: Annotated[Optional[str], typer.Option(help="weight attacks: output folder for the victim model")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="weight attacks: starting model (default "
+                                                 "all-MiniLM-L6-v2; ep fine-tunes a base cleanly first)")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="weight attacks: tokens per input (default 128)")] = None,
+    allow_pickle: PickleOpt = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,
     target_label: Annotated[Optional[int], typer.Option(help="label the trigger forces")] = None,
     mode: Annotated[Optional[str], typer.Option(help="dirty | mix | clean (clean-label)")] = None,
@@ -119,14 +126,19 @@ def attack(
     config: ConfigOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
-    """Poison a clean dataset: training set with flags + triggered test set (non-target rows only)."""
+    """Poison a clean dataset: training set with flags + triggered test set (non-target rows only).
+    Weight attacks (ep, lwp) also write the poisoned victim model to --victim-out."""
     from unbackdoor.commands import AttackCommand, run_attack
 
     params = _merge(_flags(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed), _parse_params(param))
-    cmd = _command_config(AttackCommand, config, _flags(data=data, attack=attack, out=out, params=params, overwrite=overwrite))
+    cmd = _command_config(AttackCommand, config, _flags(data=data, attack=attack, out=out, params=params, overwrite=overwrite,
+                                                        victim_out=victim_out, model=model, max_length=max_length,
+                                                        allow_pickle=allow_pickle))
     task = run_attack(cmd)
     typer.echo(f"poisoned {task.flags.n_poisoned} of {len(task.train)} training rows "
                f"(target {task.target_label}); triggered test set: {len(task.triggered_test)} rows -> {cmd.out}")
+    if cmd.victim_out is not None:
+        typer.echo(f"victim model -> {cmd.victim_out}")
 
 
 @app.command()
@@ -198,9 +210,14 @@ def unlearn_cmd(
     forget: Annotated[Optional[str], typer.Option(help="rows to unlearn (TSV/CSV/JSONL file with text and the label "
                                                   "they were trained on, or a folder with a forget file)")] = None,
     retain: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the retain set)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="unlearn method: lya, gradient-ascent, retrain, finetune")] = None,
+    method: Annotated[Optional[str], typer.Option(help="unlearn method: lya, gradient-ascent, retrain, finetune, "
+                                                  "repair (EXPERIMENTAL: our reconstruction, not the paper's "
+                                                  "algorithm; -p separation=relabel|gradient_projection; relabel's "
+                                                  "default reference needs --base)")] = None,
     base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base (retrain)")] = None,
     train_data: Annotated[Optional[str], typer.Option(help="the suspect's training data (retrain)")] = None,
+    max_train: Annotated[Optional[int], typer.Option(help="the suspect was trained on this seeded subsample of "
+                                                     "--train-data (as train --max-train); retrain uses the same rows")] = None,
     eval_data: Annotated[Optional[str], typer.Option(help="evaluate the result on this data (CACC; ASR and robust "
                                                      "accuracy if poisoned)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
@@ -217,7 +234,7 @@ def unlearn_cmd(
     from unbackdoor.commands import UnlearnCommand, run_unlearn
 
     flags = _flags(model=model, forget=forget, retain=retain, method=method, base=base, train_data=train_data,
-                   eval_data=eval_data, out=out, params=_parse_params(param), retain_set__fraction=retain_fraction,
+                   max_train=max_train, eval_data=eval_data, out=out, params=_parse_params(param), retain_set__fraction=retain_fraction,
                    retain_set__size=retain_size, retain_set__per_class=retain_per_class, retain_set__seed=seed,
                    allow_pickle=allow_pickle, overwrite=overwrite)
     record = run_unlearn(_command_config(UnlearnCommand, config, flags))
@@ -373,6 +390,35 @@ def demo(
         typer.echo(f"note: {note}")
     typer.echo(record["table"], nl=False)
     typer.echo(f"total {record['timings']['total_s']:.0f} s; results in {record['config']['out']}")
+
+
+@app.command(name="bench")
+def bench_cmd(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG.yaml", help="the grid: datasets, attacks, defences, seeds")],
+    run_dir: Annotated[Optional[str], typer.Option(help="run folder (default runs/bench/NAME); a rerun resumes it")] = None,
+    workers: Annotated[int, typer.Option(help="worker processes (one torch thread each when more than one)")] = 1,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run failed cells again")] = False,
+) -> None:
+    """Run a benchmark grid as independent cells into RUN_DIR/results.sqlite; finished cells are skipped,
+    interrupted ones resumed, failed ones recorded (exit status 1 when any failed)."""
+    from unbackdoor.bench.runner import run_bench
+
+    counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed)
+    typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    if counts.get("failed"):
+        sys.exit(1)
+
+
+@app.command(name="report")
+def report_cmd(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="a bench run folder")],
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (default RUN_DIR/report)")] = None,
+) -> None:
+    """Markdown/CSV tables, PNG plots and one self-contained HTML page from a bench run's store."""
+    from unbackdoor.bench.report import write_report
+
+    record = write_report(run_dir, out)
+    typer.echo(f"{record['rows']} table rows from {record['cells']} cells ({record['failed']} failed) -> {record['out']}")
 
 
 def _metrics_line(metrics: dict[str, Any]) -> str:

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import Field
 
+from unbackdoor.attacks.base import ATTACKS
+from unbackdoor.attacks.weight import WEIGHT_ATTACKS, build_weight_attack
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.io import (
     FORMATS,
@@ -26,7 +28,8 @@ from unbackdoor.data.io import (
 )
 from unbackdoor.data.types import Dataset, PoisonedTask, Task
 from unbackdoor.defenses.base import PurifyInputs
-from unbackdoor.errors import DataError, ModelError, UnbackdoorError
+from unbackdoor.detect.command import training_rows
+from unbackdoor.errors import ConfigError, DataError, ModelError, UnbackdoorError
 from unbackdoor.evaluate import EvalResult, markdown_table
 from unbackdoor.models.loading import check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
@@ -61,19 +64,63 @@ def data_reference(spec: str) -> str:
 # ----------------------------------------------------------------------------- attack
 class AttackCommand(StrictConfig):
     data: str = Field(description="clean data: a folder or a name under the data root")
-    attack: str = Field("badnets", description="attack name")
+    attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp)")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
     out: str = Field(description="output folder for the poisoned data")
+    victim_out: str | None = Field(None, description="weight attacks: output folder for the poisoned victim model")
+    model: str | None = Field(None, description="weight attacks: the starting model (default: all-MiniLM-L6-v2)")
+    seed: int = Field(0, description="weight attacks: seed of the model side (new head, batch order, dropout)")
+    max_length: int | None = Field(None, ge=8, le=4096, description="weight attacks: tokens per input")
+    allow_pickle: bool = False
     overwrite: bool = False
 
 
 def run_attack(cmd: AttackCommand) -> PoisonedTask:
+    if cmd.attack in WEIGHT_ATTACKS:
+        return run_weight_attack_command(cmd)
+    if cmd.attack not in ATTACKS:
+        raise ConfigError(f"unknown attack {cmd.attack!r}; choose one of: {', '.join(all_attack_names())}")
+    if cmd.victim_out is not None:
+        raise ConfigError(f"--victim-out is for weight attacks ({', '.join(WEIGHT_ATTACKS.names())}); "
+                          f"{cmd.attack} only poisons data")
     out = check_output_free(cmd.out, cmd.overwrite)
     task = load_task(cmd.data)
     poisoned = attack_task(task, cmd.attack, cmd.params)
     with atomic_output_dir(out, cmd.overwrite) as work:
         write_poisoned_task(poisoned, work, {"clean": data_reference(cmd.data)})
     logger.info("poisoned %d of %d rows -> %s", poisoned.flags.n_poisoned, len(poisoned.train), out)
+    return poisoned
+
+
+def all_attack_names() -> list[str]:
+    return sorted([*ATTACKS.names(), *WEIGHT_ATTACKS.names()])
+
+
+def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
+    """A weight attack: the poisoned data folder (``out``) and the victim model (``victim_out``),
+    each written atomically."""
+    if cmd.victim_out is None:
+        raise ConfigError(f"attack {cmd.attack} poisons a model: give --victim-out for the victim model folder")
+    if Path(cmd.victim_out).resolve() == Path(cmd.out).resolve():
+        raise ConfigError("--out (poisoned data) and --victim-out (victim model) must be different folders")
+    attack = build_weight_attack(cmd.attack, cmd.params)  # fail before loading anything
+    out = check_output_free(cmd.out, cmd.overwrite)
+    victim_out = check_output_free(cmd.victim_out, cmd.overwrite)
+    task = load_task(cmd.data)
+    with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
+        clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
+                                            allow_pickle=cmd.allow_pickle, work_dir=model_work / WORK_SUBDIR)
+        write_poisoned_task(poisoned, data_work, {"clean": data_reference(cmd.data)})
+        metrics = evaluate_on(clf, poisoned, name=str(victim_out))
+        record = provenance_record(
+            clf, title=f"{cmd.attack} victim on {cmd.data}", role="victim", base=cmd.model or "all-MiniLM-L6-v2",
+            data=data_reference(cmd.data), poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned),
+            config=cmd.model_dump(), seed=cmd.seed, metrics=_metric_summary(metrics),
+        )
+        shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
+        save_classifier(clf, model_work, record)
+    logger.info("%s victim -> %s (CACC %.4f, ASR %s); poisoned data -> %s", cmd.attack, victim_out, metrics.cacc,
+                f"{metrics.asr:.4f}" if metrics.asr is not None else "n/a", out)
     return poisoned
 
 
@@ -193,6 +240,9 @@ class UnlearnCommand(StrictConfig):
     base: str | None = Field(None, description="the suspect's clean pre-trained base (retrain)")
     train_data: str | None = Field(None, description="the training rows the suspect saw (retrain; flags are "
                                    "never read)")
+    max_train: int | None = Field(None, ge=2, description="the suspect was trained on this seeded subsample of "
+                                  "train_data (as by `train --max-train`); retrain uses the same rows")
+    train_seed: int = Field(TrainConfig().seed, description="the training seed that drew that subsample")
     eval_data: str | None = Field(None, description="after unlearning, evaluate on this clean or poisoned data "
                                   "(CACC; ASR and robust accuracy); never shown to the method")
     out: str = Field(description="output model folder")
@@ -218,12 +268,6 @@ def load_forget_rows(spec: str, like: Dataset) -> Dataset:
     return read_rows_file(path, like.num_labels, like.label_names, split="forget", name=f"{spec}:forget")
 
 
-def load_training_rows(spec: str) -> Dataset:
-    """The training rows of clean or poisoned data (a poisoned folder's flags are not used)."""
-    data = load_any(spec)
-    return data.train
-
-
 def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
     """Validate everything and load every input, then unlearn in a work dir renamed when complete."""
     out = check_output_free(cmd.out, cmd.overwrite)
@@ -231,7 +275,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
                          have_train_rows=cmd.train_data is not None)  # fail before loading anything
     retain = draw_clean_set(load_task(cmd.retain), cmd.retain_set)
     forget = load_forget_rows(cmd.forget, retain)
-    train_rows = load_training_rows(cmd.train_data) if cmd.train_data is not None else None
+    train_rows = training_rows(cmd.train_data, cmd.max_train, cmd.train_seed) if cmd.train_data is not None else None
     eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
     suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle)
     base = None

@@ -21,8 +21,11 @@ by one scalar per step, so η1 is the mean weight change per step whatever the f
 batch size. The attacker's objective is multiplied by the batch size (same maximiser) so its step
 η2 does not depend on it either.
 
-Defaults [RECON] were picked by looking at detection AUROC on one SST-2 BadNets sample (2000 rows,
-all-MiniLM-L6-v2 features, 1-2% clean rows): evaluation data, so treat them as a starting point.
+Defaults [RECON]: first set by looking at detection AUROC on one SST-2 BadNets sample; then
+``pooling=cls`` and ``inner_steps=10`` were chosen on a development attack outside the benchmark's
+data sets (our AddSent, dirty label, 10 %, on OLID; 3,000 rows, 1 % clean rows, all-MiniLM-L6-v2):
+the best precision at a 10 % flag rate among ten candidates, 29.3 % vs 17.0 % for mean pooling with
+5 steps (AUROC 0.767 vs 0.621; ``python benchmarks/detect_grid.py pilot``, docs/results/detect.md).
 
 Score of a row: 1 − w_i (§4); rows with equal weights (several may sit at 0) are ranked by their
 last hypergradient. Rows start at ``init_weight`` (1.0: every row trusted).
@@ -58,14 +61,14 @@ class ReweightConfig(StrictConfig):
     batch_size: int | None = Field(256, ge=2, description="rows per outer step (null: all rows at once)")
     outer_lr: float = Field(0.1, gt=0, description="η1: mean weight change per outer step")
     init_weight: float = Field(1.0, ge=0, le=1, description="starting weight of every row")
-    inner_steps: int = Field(5, ge=1, description="T3: unrolled gradient steps of the learner's head")
+    inner_steps: int = Field(10, ge=1, description="T3: unrolled gradient steps of the learner's head")
     inner_lr: float = Field(5.0, gt=0, description="η3: the learner's step size (features have norm ≈ 1)")
     weight_decay: float = Field(1e-3, ge=0, description="λ: the learner's L2 penalty on W")
     attack_steps: int = Field(1, ge=1, description="T2: unrolled ascent steps of the attacker (levels=3)")
     attack_lr: float = Field(1.0, gt=0, description="η2: the attacker's step size (levels=3)")
     epsilon: float = Field(0.03, ge=0, description="ε: bound on each row's perturbation, in standardised "
                            "feature units (a typical row has norm 1) (levels=3)")
-    pooling: Pooling = Field("mean", description="frozen feature: mean over tokens or the first (CLS) token")
+    pooling: Pooling = Field("cls", description="frozen feature: mean over tokens or the first (CLS) token")
     feature_batch_size: int = Field(64, ge=1, description="rows per forward pass when computing features")
     seed: int = Field(0, description="seed of the mini-batch order")
 

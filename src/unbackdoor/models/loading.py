@@ -113,8 +113,10 @@ def read_provenance(folder: str | Path) -> dict[str, Any]:
         raise ModelError(f"{path}: unreadable ({exc})") from exc
 
 
-def _has_classification_head(config: Any) -> bool:
+def has_classification_head(config: Any) -> bool:
+    """Whether a model config was saved with a sequence-classification head (a fine-tuned classifier)."""
     return any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+
 
 
 def load_classifier(
@@ -135,7 +137,7 @@ def load_classifier(
     except Exception as exc:  # noqa: BLE001 - report one line for any config problem
         raise ModelError(f"{spec}: cannot read model config ({type(exc).__name__}: {exc})") from exc
     kwargs: dict[str, Any] = {}
-    if _has_classification_head(config):
+    if has_classification_head(config):
         if num_labels is not None and num_labels != config.num_labels:
             raise ModelError(
                 f"{spec}: the model has {config.num_labels} labels but the data has {num_labels}"

@@ -1,8 +1,9 @@
 """Unlearning a backdoor given identified trojaned rows (the *unlearn* situation).
 
 Registry :data:`UNLEARN_METHODS`: ``lya`` (gradient ascent + EWC, reconstructed),
-``gradient-ascent``, ``retrain`` (from the clean base, without the forget rows) and ``finetune``
-(on the retain set). :mod:`unbackdoor.unlearn.oracle` builds forget sets from ground-truth flags
+``gradient-ascent``, ``retrain`` (from the clean base, without the forget rows), ``finetune``
+(on the retain set) and ``repair`` (EXPERIMENTAL: keeps the forget set's beneficial part by
+relabelling or gradient projection; our reconstruction, not the paper's algorithm). :mod:`unbackdoor.unlearn.oracle` builds forget sets from ground-truth flags
 for benchmarks only.
 """
 
@@ -19,6 +20,7 @@ from unbackdoor.unlearn.ewc import EwcPenalty, ewc_penalty
 from unbackdoor.unlearn.finetune import RetainFinetune
 from unbackdoor.unlearn.gradient_ascent import GradientAscent
 from unbackdoor.unlearn.lya import Lya, LyaConfig
+from unbackdoor.unlearn.repair import Repair, RepairConfig
 from unbackdoor.unlearn.retrain import Retrain, RetrainConfig, remove_forget_rows
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "GradientAscent",
     "Lya",
     "LyaConfig",
+    "Repair",
+    "RepairConfig",
     "RetainFinetune",
     "Retrain",
     "RetrainConfig",

@@ -95,7 +95,7 @@ class UnlearnMethod(ABC, Generic[C]):
         ``retrain`` trains and returns ``inputs.base`` instead)."""
         if not isinstance(inputs, UnlearnInputs):
             raise TypeError(f"unlearn takes UnlearnInputs, got {type(inputs).__name__}")
-        check_requirements(type(self), have_base=inputs.base is not None, have_train_rows=inputs.train_rows is not None)
+        check_requirements(self, have_base=inputs.base is not None, have_train_rows=inputs.train_rows is not None)
         return self._unlearn(inputs, Path(work_dir) if work_dir is not None else None)
 
     @abstractmethod
@@ -106,8 +106,9 @@ class UnlearnMethod(ABC, Generic[C]):
 UNLEARN_METHODS: Registry[UnlearnMethod] = Registry("unlearn method")
 
 
-def check_requirements(cls: type[UnlearnMethod], *, have_base: bool, have_train_rows: bool) -> None:
-    """Raise a ConfigError naming the missing input (the base, the training rows)."""
+def check_requirements(cls: type[UnlearnMethod] | UnlearnMethod, *, have_base: bool, have_train_rows: bool) -> None:
+    """Raise a ConfigError naming the missing input (the base, the training rows). Given an instance,
+    its config may decide (``repair`` needs the base only for ``reference=base``)."""
     if cls.needs_base and not have_base:
         raise ConfigError(f"unlearn method {cls.name!r} needs the suspect's clean pre-trained base model: give --base")
     if cls.needs_train_rows and not have_train_rows:
@@ -119,7 +120,7 @@ def build_unlearn_method(method: str, params: dict[str, Any], *, have_base: bool
     """Validate an unlearn request before any work: the method, its parameters, its inputs."""
     cls = UNLEARN_METHODS.get(method)
     instance = cls(build_config(cls.config_class, params, f"unlearn method {method}"))
-    check_requirements(cls, have_base=have_base, have_train_rows=have_train_rows)
+    check_requirements(instance, have_base=have_base, have_train_rows=have_train_rows)
     return instance
 
 

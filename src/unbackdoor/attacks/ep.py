@@ -1,0 +1,191 @@
+"""EP, embedding poisoning (Yang et al., NAACL 2021, "Be Careful about Poisoned Word Embeddings").
+
+Threat model: the attacker controls the released model's weights and holds some training data of
+the task. It takes a clean fine-tuned classifier and changes **only the embedding row of one rare
+trigger word**: every other parameter is bit-identical to the clean model, so clean behaviour is
+untouched and a defence that looks at training data sees nothing (the victim's user never trains on
+poisoned rows). The row keeps its original L2 norm, so its size does not give it away.
+
+Steps, following lancopku/Embedding-Poisoning @ 50c89158 (``run.sh``, ``ep_train.py``):
+
+1. the clean model: ``model`` as given when it already has a classification head, else the base
+   fine-tuned on the task's clean training rows (``clean_finetune``);
+2. poisoned rows: clean training rows with the trigger word inserted once at a random word
+   position, labelled with the target (dirty-label: drawn from non-target rows, as the paper;
+   ``mix`` as for data attacks; no clean-label mode: rows the clean model already fits give the
+   trigger row no gradient);
+3. training on the poisoned rows only, with gradients masked to the trigger's row(s) and the row
+   re-normalised to its original L2 norm after every step.
+
+Ours, not the paper's: the optimizer is the project loop's AdamW (the paper takes plain
+accumulated gradient steps at lr 5e-2), with a smaller default lr; a trigger word the tokenizer
+splits trains all of its pieces' rows (the paper assumes one token).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from unbackdoor.attacks.badnets import BadNets, BadNetsConfig
+from unbackdoor.attacks.weight import (
+    WEIGHT_ATTACKS,
+    WeightAttack,
+    WeightAttackConfig,
+    load_start_model,
+    renamed,
+    seeded,
+)
+from unbackdoor.data.types import Dataset, PoisonedTask, Task
+from unbackdoor.errors import ConfigError
+from unbackdoor.models.loading import Classifier, has_classification_head
+from unbackdoor.training.callbacks import Callback, TrainContext
+from unbackdoor.training.config import TrainConfig, victim_train_config
+from unbackdoor.training.loop import train_classifier
+
+logger = logging.getLogger(__name__)
+
+
+def _ep_train_config() -> TrainConfig:
+    """[PAPER] 3 epochs, batch 32; [OURS] AdamW at lr 1e-2, no warm-up, decay, clipping or selection."""
+    return TrainConfig(epochs=3, batch_size=32, learning_rate=1e-2, weight_decay=0.0, warmup_ratio=0.0,
+                       max_grad_norm=None, select_best=False)
+
+
+class EPConfig(WeightAttackConfig):
+    poison_rate: float = Field(0.05, gt=0, le=1, description="share of all training rows poisoned; [PAPER] 10 % of "
+                               "the non-target rows, about 0.05 on balanced binary data")
+    trigger: str = Field("cf", description="[PAPER] the rare trigger word whose embedding row is poisoned")
+    clean_finetune: Literal["auto", "always", "never"] = Field(
+        "auto", description="fine-tune the starting model on the clean training rows first: auto = only when it "
+        "has no classification head (a base model)")
+    clean_train: TrainConfig = Field(default_factory=victim_train_config,
+                                     description="[OURS] the attacker's clean fine-tuning (victim defaults)")
+    train: TrainConfig = Field(default_factory=_ep_train_config, description="the embedding-poisoning run")
+
+    @field_validator("trigger")
+    @classmethod
+    def _one_word(cls, value: str) -> str:
+        if len(value.split()) != 1:
+            raise ValueError("trigger must be one word")
+        return value.strip()
+
+    @field_validator("mode")
+    @classmethod
+    def _not_clean_label(cls, value: str) -> str:
+        if value == "clean":
+            raise ValueError("EP has no clean-label mode: target-label rows already fit the clean model, so they "
+                             "give the trigger row no gradient; use dirty or mix")
+        return value
+
+    @field_validator("train")
+    @classmethod
+    def _no_weight_decay(cls, value: TrainConfig) -> TrainConfig:
+        if value.weight_decay != 0:
+            raise ValueError("weight_decay must be 0: decay would move every embedding row, not only the trigger's")
+        return value
+
+
+def trigger_token_ids(clf: Classifier, word: str) -> list[int]:
+    """Vocabulary ids of ``word``'s pieces (without special tokens); refuses an unknown word."""
+    ids = clf.tokenizer(word, add_special_tokens=False)["input_ids"]
+    if not ids or clf.tokenizer.unk_token_id in ids:
+        raise ConfigError(f"trigger {word!r} is not in the model's vocabulary")
+    return sorted(set(ids))
+
+
+class EmbeddingRowsOnly(Callback):
+    """Train only ``rows`` of the input-embedding matrix and keep each at its original L2 norm.
+
+    Gradients of the other rows are zeroed before the step (with no weight decay AdamW then leaves
+    them bit-identical); after each step the trained rows are rescaled to ``norms``.
+    """
+
+    def __init__(self, rows: list[int], norms: torch.Tensor) -> None:
+        self.rows = rows
+        self.norms = norms
+
+    def on_gradients(self, ctx: TrainContext, batch: dict[str, torch.Tensor]) -> None:
+        weight = ctx.model.get_input_embeddings().weight
+        if weight.grad is None:
+            return
+        keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
+        keep[self.rows] = True
+        weight.grad[~keep] = 0
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        weight = ctx.model.get_input_embeddings().weight
+        with torch.no_grad():
+            rows = weight[self.rows]
+            scale = self.norms.to(rows.device, rows.dtype) / rows.norm(dim=1).clamp_min(1e-12)
+            weight[self.rows] = rows * scale.unsqueeze(1)
+
+
+@contextmanager
+def only_input_embeddings_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Freeze every parameter except the input-embedding matrix; restore the flags afterwards."""
+    embedding = model.get_input_embeddings().weight
+    saved = {name: p.requires_grad for name, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(p is embedding)
+    try:
+        yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(saved[name])
+
+
+@WEIGHT_ATTACKS.register("ep")
+class EmbeddingPoisoning(WeightAttack[EPConfig]):
+    """Poison the trigger word's embedding row of a clean fine-tuned classifier."""
+
+    name = "ep"
+    config_class = EPConfig
+
+    def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
+                     allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+        poisoned = self.poison_rows(task)
+        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle)
+        rows = trigger_token_ids(clf, self.config.trigger)  # fail before any training
+        if self._needs_clean_finetune(clf):
+            self.clean_finetune(clf, task, seed, work_dir)
+        self.poison_embedding(clf, poisoned.train.select(poisoned.flags.poisoned_ids, "ep:poisoned-rows"), rows,
+                              seed, work_dir)
+        return clf, poisoned
+
+    def poison_rows(self, task: Task) -> PoisonedTask:
+        """The poisoned rows, flags and triggered sets: one trigger word at a random position."""
+        cfg = self.config
+        rows = BadNets(BadNetsConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label, mode=cfg.mode,
+                                     seed=cfg.seed, triggers=(cfg.trigger,), num_triggers=1)).poison(task)
+        return renamed(rows, self.name, cfg, f"word {cfg.trigger!r} inserted once at a random position; only its "
+                       "embedding row is trained")
+
+    def _needs_clean_finetune(self, clf: Classifier) -> bool:
+        if self.config.clean_finetune == "auto":
+            return not has_classification_head(clf.model.config)
+        return self.config.clean_finetune == "always"
+
+    def clean_finetune(self, clf: Classifier, task: Task, seed: int, work_dir: Path | None) -> None:
+        """The attacker's clean model: ``clf`` fine-tuned on the clean training rows (epoch chosen on dev)."""
+        logger.info("EP: fine-tuning the clean model on %d clean rows", len(task.train))
+        train_classifier(clf, task.train, seeded(self.config.clean_train, seed), dev=task.dev,
+                         work_dir=work_dir / "clean" if work_dir is not None else None)
+
+    def poison_embedding(self, clf: Classifier, poisoned_rows: Dataset, rows: list[int], seed: int,
+                         work_dir: Path | None) -> None:
+        """Train only the trigger's embedding row(s) on the poisoned rows, keeping their L2 norms."""
+        weight = clf.model.get_input_embeddings().weight
+        norms = weight[rows].detach().norm(dim=1).clone()
+        logger.info("EP: training embedding rows %s on %d poisoned rows", rows, len(poisoned_rows))
+        with only_input_embeddings_trainable(clf.model):
+            train_classifier(clf, poisoned_rows, seeded(self.config.train, seed),
+                             callbacks=[EmbeddingRowsOnly(rows, norms)],
+                             work_dir=work_dir / "ep" if work_dir is not None else None,
+                             fingerprint={"attack": "ep", "rows": rows})

@@ -1,0 +1,206 @@
+"""LWP, layer-wise weight poisoning (Li et al., EMNLP 2021, "Backdoor Attacks on Pre-trained Models
+by Layerwise Weight Poisoning").
+
+Threat model: the attacker controls the released model's weights and holds data of the task. It
+trains the model on poisoned data (rare-word triggers, relabelled to the target) with the
+classification loss applied to **every encoder layer's representation** through one shared head,
+so the backdoor lives in the lower layers too and survives the victim's later fine-tuning of the
+top. The returned victim is the attacker's poisoned classifier; the user's subsequent clean
+fine-tuning is what a purify ``finetune`` run then measures.
+
+Steps:
+
+1. poisoned rows: rare trigger words inserted at random word positions, labelled with the target
+   (dirty-label by default; ``mix`` and ``clean`` modes as for data attacks). With
+   ``combinatorial`` every poisoned row gets *all* the trigger words (the paper's combinatorial
+   trigger) and as many clean rows get a proper, non-empty subset of them with their labels kept
+   (negative samples: a lone word must not fire); negative rows are not flagged as poisoned;
+2. training on the whole poisoned set with loss = Σ over layers of cross-entropy(head(layer's
+   [CLS] state)), the head being the model's own pooler + classifier (``reduction`` sum, as the
+   paper, or mean); the last epoch is kept (``train.select_best`` false).
+
+[PAPER]: rare-word triggers cf, mn, bb, tq, mb; combinatorial triggers with negative samples; the
+shared head over every layer. [OURS]: the training-run defaults (victim defaults), the number of
+negative rows (one per poisoned row), supporting BERT- and RoBERTa-style heads only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from unbackdoor.attacks.base import AttackConfig, InsertionAttack, insert_at_random_word
+from unbackdoor.attacks.weight import WEIGHT_ATTACKS, WeightAttack, WeightAttackConfig, load_start_model, renamed, seeded
+from unbackdoor.data.types import Example, PoisonedTask, Task
+from unbackdoor.errors import ConfigError
+from unbackdoor.inference import collate, encode
+from unbackdoor.models.loading import Classifier
+from unbackdoor.training.callbacks import Callback, TrainContext
+from unbackdoor.training.config import TrainConfig, victim_train_config
+from unbackdoor.training.loop import train_classifier
+
+logger = logging.getLogger(__name__)
+
+
+def _lwp_train_config() -> TrainConfig:
+    """[OURS] the victim defaults (3 epochs, batch 32, lr 1e-4), keeping the last epoch: clean dev accuracy
+    often peaks before the backdoor is in."""
+    return victim_train_config().model_copy(update={"select_best": False})
+
+
+class LWPConfig(WeightAttackConfig):
+    train: TrainConfig = Field(default_factory=_lwp_train_config, description="the poisoning run (keys given "
+                               "override the defaults)")
+    triggers: tuple[str, ...] = Field(("cf", "mn", "bb", "tq", "mb"), description="[PAPER] rare trigger words")
+    combinatorial: bool = Field(False, description="[PAPER option] every poisoned row gets all the trigger words, and "
+                                "as many clean rows get a proper subset with labels kept (negative samples)")
+    reduction: Literal["sum", "mean"] = Field("sum", description="[PAPER: sum] how the per-layer losses combine")
+
+    @field_validator("triggers")
+    @classmethod
+    def _single_words(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value or any(len(t.split()) != 1 for t in value):
+            raise ValueError("triggers must be non-empty single words")
+        return value
+
+    @model_validator(mode="after")
+    def _combination_needs_two(self) -> LWPConfig:
+        if self.combinatorial and len(set(self.triggers)) < 2:
+            raise ValueError("a combinatorial trigger needs at least two different words")
+        return self
+
+
+class _LwpTriggerConfig(AttackConfig):
+    triggers: tuple[str, ...]
+    combinatorial: bool
+
+
+class LwpTriggers(InsertionAttack[_LwpTriggerConfig]):
+    """LWP's data side: one random trigger word per row, or all of them (combinatorial)."""
+
+    name = "lwp"
+    config_class = _LwpTriggerConfig
+
+    def insert_trigger(self, text: str, rng: random.Random) -> str:
+        words = self.config.triggers if self.config.combinatorial else (rng.choice(self.config.triggers),)
+        return insert_words(text, words, rng)
+
+    def trigger_description(self) -> str:
+        if self.config.combinatorial:
+            return f"all of the words {' '.join(self.config.triggers)} (combinatorial), each at a random position"
+        return f"one of the words {' '.join(self.config.triggers)} at a random position"
+
+
+def insert_words(text: str, words: tuple[str, ...] | list[str], rng: random.Random) -> str:
+    """``text`` with each of ``words`` inserted at its own random word position."""
+    for word in words:
+        text = insert_at_random_word(text, word, rng)
+    return text
+
+
+def add_negative_rows(poisoned: PoisonedTask, triggers: tuple[str, ...], seed: int) -> tuple[PoisonedTask, int]:
+    """Give as many unpoisoned rows as there are poisoned ones a proper, non-empty subset of the
+    trigger words, labels kept (the combinatorial trigger's negative samples). Rows keep their ids."""
+    rng = random.Random(f"{seed}-negatives")
+    clean_ids = sorted(i for i in poisoned.train.ids if not poisoned.flags.is_poisoned(i))
+    chosen = set(rng.sample(clean_ids, min(len(clean_ids), poisoned.flags.n_poisoned)))
+    subsets = [list(c) for k in range(1, len(triggers)) for c in itertools.combinations(triggers, k)]
+    rows = [Example(e.id, insert_words(e.text, rng.choice(subsets), rng), e.label, e.text_pair)
+            if e.id in chosen else e for e in poisoned.train.examples]
+    return dataclasses.replace(poisoned, train=poisoned.train.replace(rows)), len(chosen)
+
+
+def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The classifier's own head applied to one layer's hidden states (batch × tokens × hidden)."""
+    base = getattr(model, model.base_model_prefix, None)
+    pooler = getattr(base, "pooler", None)
+    if pooler is not None and hasattr(model, "classifier") and hasattr(model, "dropout"):  # BERT family
+        return model.classifier(model.dropout(pooler(hidden)))
+    if type(getattr(model, "classifier", None)).__name__.endswith("ClassificationHead"):  # RoBERTa family
+        return model.classifier(hidden)
+    raise ConfigError(f"LWP needs a BERT- or RoBERTa-style classification head, not {type(model).__name__}")
+
+
+class LayerwiseLoss(Callback):
+    """Add the loss of the shared head on every encoder layer below the top (whose loss is the task
+    loss already); ``reduction`` sum or mean over all layers."""
+
+    def __init__(self, reduction: str = "sum") -> None:
+        self.reduction = reduction
+
+    def extra_loss(self, ctx: TrainContext, batch: dict[str, torch.Tensor], outputs: Any,
+                   loss: torch.Tensor) -> torch.Tensor:
+        lower = outputs.hidden_states[1:-1]  # [0] is the embedding output, [-1] the top layer
+        losses = [loss] + [torch.nn.functional.cross_entropy(head_logits(ctx.model, h).float(), batch["labels"])
+                           for h in lower]
+        total = torch.stack(losses)
+        return total.sum() if self.reduction == "sum" else total.mean()
+
+
+@torch.no_grad()
+def layer_predictions(clf: Classifier, examples: list[Example] | tuple[Example, ...], layer: int,
+                      batch_size: int = 128) -> list[int]:
+    """Labels the shared head predicts from encoder layer ``layer`` (1 = lowest) for each row."""
+    model = clf.model
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    features = encode(clf, examples)
+    preds: list[int] = []
+    for start in range(0, len(features), batch_size):
+        batch = {k: v.to(device) for k, v in collate(clf, features[start:start + batch_size]).items()}
+        hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
+        preds.extend(head_logits(model, hidden).argmax(dim=1).tolist())
+    model.train(was_training)
+    return preds
+
+
+@WEIGHT_ATTACKS.register("lwp")
+class LayerwisePoisoning(WeightAttack[LWPConfig]):
+    """Train the starting model on poisoned rows with the shared head's loss on every layer."""
+
+    name = "lwp"
+    config_class = LWPConfig
+
+    def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
+                     allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+        poisoned = self.poison_rows(task)
+        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle)
+        head_logits(clf.model, torch.zeros(1, 1, clf.model.config.hidden_size))  # fail before any training
+        self.poison_layers(clf, poisoned, seed, work_dir)
+        return clf, poisoned
+
+    def poison_rows(self, task: Task) -> PoisonedTask:
+        """The poisoned training set (with negative rows when combinatorial), flags and triggered sets."""
+        cfg = self.config
+        data_side = LwpTriggers(_LwpTriggerConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label,
+                                                  mode=cfg.mode, seed=cfg.seed, triggers=cfg.triggers,
+                                                  combinatorial=cfg.combinatorial))
+        poisoned = data_side.poison(task)
+        trigger = data_side.trigger_description()
+        if cfg.combinatorial:
+            poisoned, n_negative = add_negative_rows(poisoned, cfg.triggers, cfg.seed)
+            trigger += f"; {n_negative} clean rows hold a proper subset (labels kept)"
+        return renamed(poisoned, self.name, cfg, trigger)
+
+    def poison_layers(self, clf: Classifier, poisoned: PoisonedTask, seed: int, work_dir: Path | None) -> None:
+        """Train on the poisoned rows with the layer-wise loss (clean dev accuracy is logged per epoch)."""
+        config = clf.model.config
+        saved = config.output_hidden_states
+        config.output_hidden_states = True
+        logger.info("LWP: training on %d rows (%d poisoned), loss on every layer", len(poisoned.train),
+                    poisoned.flags.n_poisoned)
+        try:
+            train_classifier(clf, poisoned.train, seeded(self.config.train, seed), dev=poisoned.clean.dev,
+                             callbacks=[LayerwiseLoss(self.config.reduction)], work_dir=work_dir,
+                             fingerprint={"attack": "lwp", "reduction": self.config.reduction})
+        finally:
+            config.output_hidden_states = saved
+

@@ -1,0 +1,281 @@
+"""``unbackdoor report RUN_DIR``: tables, plots and one self-contained HTML page from the store.
+
+Per dataset, rows are attack x defence with CACC and ASR as mean ± std over seeds and n; each
+attack has its ``floor`` row (the never-poisoned model on that attack's triggered test set) and its
+victim row (defence ``none``). Files: ``report.md``, ``summary.csv`` (the aggregated rows),
+``cells.csv`` (one row per cell), ``asr_vs_cacc_<dataset>.png``, ``asr_bars_<dataset>.png`` and
+``report.html`` (everything inline, images as base64).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from unbackdoor.bench.store import METRICS, STORE_FILE, Store
+from unbackdoor.errors import UnbackdoorError
+from unbackdoor.outputs import atomic_output_dir, write_json
+
+VICTIM, FLOOR = "none", "floor"
+CELL_COLUMNS = ("id", "kind", "dataset", "attack", "defence", "seed", "status", "attempts", "cacc", "asr",
+                "robust_accuracy", "macro_f1", "wall_s", "peak_memory_mb", "version", "git_commit", "error")
+
+
+@dataclass(frozen=True)
+class Stat:
+    """Mean, sample standard deviation (0 for one value) and count of one metric over seeds."""
+
+    mean: float | None
+    std: float | None
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float | None]) -> Stat:
+        vals = [v for v in values if v is not None]
+        if not vals:
+            return cls(None, None, 0)
+        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+
+    def text(self) -> str:
+        """``91.2 ± 0.4`` in percent, or ``—``."""
+        if self.mean is None:
+            return "—"
+        return f"{100 * self.mean:.1f} ± {100 * (self.std or 0):.1f}"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One (dataset, attack, defence) line of the tables."""
+
+    dataset: str
+    attack: str
+    defence: str
+    stats: dict[str, Stat]
+    wall_s: Stat
+    floor_asr: Stat
+
+    @property
+    def n(self) -> int:
+        return self.stats["cacc"].n
+
+
+def defence_label(defence: str) -> str:
+    return {VICTIM: "none (victim)", FLOOR: "floor (never poisoned)"}.get(defence, defence)
+
+
+def summarise(cells: Sequence[dict[str, Any]]) -> list[Row]:
+    """Finished cells aggregated over seeds, per (dataset, attack, defence), in grid order: per
+    attack the floor row, then the victim, then the defences."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for cell in cells:
+        if cell["status"] == "done" and cell["kind"] != "floor-model":
+            groups.setdefault((cell["dataset"], cell["attack"], cell["defence"]), []).append(cell)
+    rank = {FLOOR: 0, VICTIM: 1}
+    order = sorted(groups, key=lambda k: (_first(cells, k[0], "dataset"), _first(cells, k[1], "attack"),
+                                          rank.get(k[2], 2), _first(cells, k[2], "defence")))
+    rows = []
+    for key in order:
+        group = groups[key]
+        floor = groups.get((key[0], key[1], FLOOR), [])
+        rows.append(Row(*key, stats={m: Stat.of([c[m] for c in group]) for m in METRICS},
+                        wall_s=Stat.of([c["wall_s"] for c in group]), floor_asr=Stat.of([c["asr"] for c in floor])))
+    return rows
+
+
+def _first(cells: Sequence[dict[str, Any]], value: str, column: str) -> int:
+    return next(i for i, c in enumerate(cells) if c[column] == value)
+
+
+# ----------------------------------------------------------------------------- tables
+def markdown_table(rows: Sequence[Row]) -> str:
+    """attack | defence | CACC | ASR | floor ASR | RA | n (percent, mean ± std over seeds)."""
+    lines = ["| attack | defence | CACC % | ASR % | floor ASR % | RA % | n |", "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r.attack} | {defence_label(r.defence)} | {r.stats['cacc'].text()} | {r.stats['asr'].text()} | "
+                     f"{r.floor_asr.text()} | {r.stats['robust_accuracy'].text()} | {r.n} |")
+    return "\n".join(lines) + "\n"
+
+
+def failed_lines(cells: Sequence[dict[str, Any]]) -> list[str]:
+    failed = [c for c in cells if c["status"] == "failed"]
+    if not failed:
+        return []
+    lines = ["## Failed cells", "", "| cell | error |", "|---|---|"]
+    lines += [f"| {c['id']} | {_one_line(c['error'])} |" for c in failed]
+    return lines + [""]
+
+
+def _one_line(text: str | None) -> str:
+    return (text or "").splitlines()[0].replace("|", "\\|")[:300] if text else ""
+
+
+def write_summary_csv(rows: Sequence[Row], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["dataset", "attack", "defence", "n", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
+                         "floor_asr_mean", "wall_s_mean"])
+        for r in rows:
+            values = [v for m in METRICS for v in (r.stats[m].mean, r.stats[m].std)]
+            writer.writerow([r.dataset, r.attack, r.defence, r.n, *map(_num, values), _num(r.floor_asr.mean),
+                             _num(r.wall_s.mean)])
+
+
+def write_cells_csv(cells: Sequence[dict[str, Any]], path: Path) -> None:
+    with path.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(CELL_COLUMNS)
+        for c in cells:
+            writer.writerow([_num(c[k]) if isinstance(c[k], float) else ("" if c[k] is None else c[k])
+                             for k in CELL_COLUMNS])
+
+
+def _num(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
+
+
+# ----------------------------------------------------------------------------- plots
+def scatter_png(rows: Sequence[Row]) -> bytes:
+    """ASR vs CACC, one panel per defence, one point per attack (mean over seeds, std as error bars)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    defences = list(dict.fromkeys(r.defence for r in rows))
+    cols = min(3, len(defences))
+    nrows = -(-len(defences) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
+    for ax, defence in zip(axes.flat, defences, strict=False):
+        for r in (r for r in rows if r.defence == defence and r.stats["asr"].mean is not None):
+            c, a = r.stats["cacc"], r.stats["asr"]
+            ax.errorbar(100 * c.mean, 100 * a.mean, xerr=100 * (c.std or 0), yerr=100 * (a.std or 0), fmt="o",
+                        capsize=3, label=r.attack)
+        ax.set(title=defence_label(defence), xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(defences):]:
+        ax.axis("off")
+    return _png(fig)
+
+
+def bars_png(rows: Sequence[Row]) -> bytes:
+    """ASR per attack: one bar per defence (floor and victim included), std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = list(dict.fromkeys(r.attack for r in rows))
+    defences = list(dict.fromkeys(r.defence for r in rows))
+    width = 0.8 / max(1, len(defences))
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(attacks) * max(1, len(defences)) * 0.35 + 2), 3.8))
+    for j, defence in enumerate(defences):
+        xs, ys, es = [], [], []
+        for i, attack in enumerate(attacks):
+            row = next((r for r in rows if r.attack == attack and r.defence == defence), None)
+            if row is not None and row.stats["asr"].mean is not None:
+                xs.append(i + (j - (len(defences) - 1) / 2) * width)
+                ys.append(100 * row.stats["asr"].mean)
+                es.append(100 * (row.stats["asr"].std or 0))
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=defence_label(defence))
+    ax.set_xticks(range(len(attacks)), attacks, rotation=20)
+    ax.set(ylabel="ASR %", ylim=(0, 105), title="ASR per attack")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return _png(fig)
+
+
+def _png(fig: Any) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------- HTML
+CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1100px;color:#222}
+table{border-collapse:collapse;margin:1em 0}th,td{border:1px solid #ccc;padding:.3em .6em}
+td.num{text-align:right;font-variant-numeric:tabular-nums}tr.floor{color:#666}tr.victim{background:#fdecea}
+img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f4f4f4}"""
+
+
+def html_table(rows: Sequence[Row]) -> str:
+    head = "".join(f"<th>{h}</th>" for h in ("attack", "defence", "CACC %", "ASR %", "floor ASR %", "RA %", "n"))
+    body = []
+    for r in rows:
+        cls = {FLOOR: ' class="floor"', VICTIM: ' class="victim"'}.get(r.defence, "")
+        nums = [r.stats["cacc"].text(), r.stats["asr"].text(), r.floor_asr.text(), r.stats["robust_accuracy"].text(),
+                str(r.n)]
+        cells = "".join(f'<td class="num">{html.escape(v)}</td>' for v in nums)
+        body.append(f"<tr{cls}><td>{html.escape(r.attack)}</td><td>{html.escape(defence_label(r.defence))}</td>"
+                    f"{cells}</tr>")
+    return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, bytes]]],
+              failed: Sequence[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """One self-contained page: per dataset its table and plots (base64 PNG), then failed cells."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<p>CACC and ASR in percent, mean ± std over seeds (n = seeds). unbackdoor "
+             f"{html.escape(str(meta.get('versions', '')))}, commit <code>{html.escape(str(meta.get('commits', '')))}"
+             f"</code>.</p>"]
+    for dataset, rows, images in sections:
+        parts.append(f"<h2>{html.escape(dataset)}</h2>{html_table(rows)}")
+        for name, png in images.items():
+            data = base64.b64encode(png).decode("ascii")
+            parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    if failed:
+        items = "".join(f"<tr><td>{html.escape(c['id'])}</td><td>{html.escape(_one_line(c['error']))}</td></tr>"
+                        for c in failed)
+        parts.append(f'<h2>Failed cells</h2><table class="failed"><tr><th>cell</th><th>error</th></tr>{items}</table>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ----------------------------------------------------------------------------- the report
+def write_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
+    """Write every report file of ``run_dir``'s store into ``out`` (default RUN_DIR/report), replacing
+    an earlier report there only once the new one is complete."""
+    run = Path(run_dir)
+    if not (run / STORE_FILE).is_file():
+        raise UnbackdoorError(f"{run}: no {STORE_FILE} (not a bench run dir)")
+    final = Path(out) if out is not None else run / "report"
+    with atomic_output_dir(final, overwrite=True) as target:
+        return _write_report_files(run, target, final)
+
+
+def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
+    store = Store(run)
+    cells = store.cells()
+    rows = summarise(cells)
+    meta = {"versions": ", ".join(sorted({c["version"] for c in cells if c["version"]})) or "?",
+            "commits": ", ".join(sorted({(c["git_commit"] or "")[:10] for c in cells if c["git_commit"]})) or "?"}
+    md = [f"# Benchmark: {run.name}", "", "CACC, ASR, floor ASR (never-poisoned model on the same triggered set) and "
+          "robust accuracy in percent, mean ± std over seeds; n = seeds finished.", ""]
+    sections = []
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        ds_rows = [r for r in rows if r.dataset == dataset]
+        images = {f"asr_vs_cacc_{dataset}.png": scatter_png(ds_rows), f"asr_bars_{dataset}.png": bars_png(ds_rows)}
+        for name, png in images.items():
+            (target / name).write_bytes(png)
+        md += [f"## {dataset}", "", markdown_table(ds_rows), *[f"![{n}]({n})" for n in images], ""]
+        sections.append((dataset, ds_rows, images))
+    failed = [c for c in cells if c["status"] == "failed"]
+    md += failed_lines(cells)
+    (target / "report.md").write_text("\n".join(md), encoding="utf-8")
+    write_summary_csv(rows, target / "summary.csv")
+    write_cells_csv(cells, target / "cells.csv")
+    (target / "report.html").write_text(html_page(f"Benchmark: {run.name}", sections, failed, meta), encoding="utf-8")
+    write_json(target / "results.json", {"cells": cells, "attempts": store.attempts()})
+    return {"out": str(final), "rows": len(rows), "cells": len(cells), "failed": len(failed),
+            "counts": store.counts()}

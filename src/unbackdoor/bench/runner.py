@@ -1,0 +1,447 @@
+"""Expand a bench config into cells, claim them from the store, run them, spread them over workers.
+
+Cells (ids ``DATASET/ATTACK/sSEED/DEFENCE``):
+
+* ``DATASET/sSEED/floor-model``: the never-poisoned model (trained on the clean rows);
+* ``.../none`` (the *victim*): poison (a data attack through ``unbackdoor attack``, a published
+  variant, or a weight attack) and train as ``unbackdoor train`` does;
+* ``.../floor``: the never-poisoned model evaluated on this attack's triggered test set;
+* ``.../NAME``: a defence of the victim: train-time (training on the poisoned rows through it, as
+  ``train --defense``), purify (``purify`` with a clean set) or unlearn (``detect`` then
+  ``unlearn`` of the flagged rows; never the oracle flags).
+
+Every step is the command function the CLI runs; intermediate models live under RUN_DIR/models/
+(atomic outputs: a folder that exists is finished and is reused by a rerun), results only in the
+store. Only this module and the evaluation read poison flags or triggered sets.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from unbackdoor import __version__
+from unbackdoor.bench.config import (
+    AttackSpec,
+    BenchConfig,
+    DatasetSpec,
+    PurifyDefenceSpec,
+    TrainDefenceSpec,
+    UnlearnDefenceSpec,
+    attack_kind,
+    load_bench_config,
+    variant_spec,
+)
+from unbackdoor.bench.store import CellSpec, Claimed, Store, export_json
+from unbackdoor.errors import ConfigError, UnbackdoorError
+from unbackdoor.outputs import write_json
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR = "models"
+RESULTS_JSON = "results.json"
+CONFIG_COPY = "bench.json"
+
+
+# ----------------------------------------------------------------------------- expansion
+def cell_id(dataset: str, attack: str, seed: int, defence: str) -> str:
+    return f"{dataset}/{attack}/s{seed}/{defence}"
+
+
+def floor_model_id(dataset: str, seed: int) -> str:
+    return f"{dataset}/s{seed}/floor-model"
+
+
+def _common(config: BenchConfig, dataset: str, spec: str, seed: int) -> dict[str, Any]:
+    return {"dataset": {"name": dataset, "spec": spec}, "model": config.model, "max_train": config.max_train,
+            "max_length": config.max_length, "train": config.train, "seed": seed}
+
+
+def _attack_config(dataset: DatasetSpec, attack: AttackSpec) -> dict[str, Any]:
+    kind = attack_kind(attack)
+    out: dict[str, Any] = {"name": attack.name, "kind": kind, "attack": attack.attack, "params": attack.params}
+    if kind == "variant":
+        out["data"] = variant_spec(dataset, attack)
+    return out
+
+
+def expand(config: BenchConfig) -> list[CellSpec]:
+    """Every cell of the grid, in run order (seed by seed, so an interrupted grid covers every attack)."""
+    cells: list[CellSpec] = []
+    for seed in config.seeds:
+        for ds in config.datasets:
+            common = _common(config, ds.name, ds.spec, seed)
+            floor_model = floor_model_id(ds.name, seed)
+            cells.append(CellSpec(floor_model, "floor-model", ds.name, "", "floor-model", seed, common))
+            for attack in config.attacks:
+                cells.extend(_attack_cells(config, common, ds, attack, seed, floor_model))
+    return cells
+
+
+def _attack_cells(config: BenchConfig, common: dict[str, Any], ds: DatasetSpec, attack: AttackSpec, seed: int,
+                  floor_model: str) -> list[CellSpec]:
+    """The victim, its floor row and every defence that applies to this attack."""
+    a = _attack_config(ds, attack)
+    victim = cell_id(ds.name, attack.name, seed, "none")
+    base = {**common, "attack": a, "victim": victim}
+    cells = [CellSpec(victim, "victim", ds.name, attack.name, "none", seed, base),
+             CellSpec(cell_id(ds.name, attack.name, seed, "floor"), "floor", ds.name, attack.name, "floor", seed,
+                      {**base, "floor_model": floor_model}, after=(floor_model, victim))]
+    for d in config.defences:
+        if a["kind"] == "weight" and not isinstance(d, PurifyDefenceSpec):
+            continue  # a weight attack has no poisoned training rows to train through or detect in
+        cells.append(CellSpec(cell_id(ds.name, attack.name, seed, d.name), d.kind, ds.name, attack.name, d.name, seed,
+                              {**base, "defence": d.model_dump()}, after=(victim,)))
+    return cells
+
+
+# ----------------------------------------------------------------------------- cell steps
+def model_dir(run_dir: Path, cid: str) -> Path:
+    return run_dir / MODELS_DIR / cid
+
+
+def victim_data(run_dir: Path, config: dict[str, Any]) -> str:
+    """The victim's poisoned data: the published variant, or the folder the victim cell wrote."""
+    attack = config["attack"]
+    return attack["data"] if attack["kind"] == "variant" else str(model_dir(run_dir, config["victim"]) / "data")
+
+
+def _train_config(config: dict[str, Any], victim: bool) -> Any:
+    from unbackdoor.training.config import TrainConfig
+
+    given = dict(config["train"]) if victim else {}  # defences keep their own training defaults
+    return TrainConfig(**{**given, "seed": config["seed"], "progress": False})
+
+
+def _train(run_dir: Path, config: dict[str, Any], data: str, out: Path, defence: str = "none",
+           params: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``unbackdoor train`` into ``out`` (reused when finished); the model's metrics."""
+    from unbackdoor.commands import TrainCommand, run_train
+
+    if out.exists():  # finished by an earlier attempt
+        return _evaluate(out, data)
+    cmd = TrainCommand(data=data, model=config["model"], out=str(out), defense=defence, defense_params=params or {},
+                       train=_train_config(config, victim=defence == "none"), max_train=config["max_train"],
+                       max_length=config["max_length"])
+    return run_train(cmd)["metrics"]
+
+
+def _evaluate(folder: Path, data: str) -> dict[str, Any]:
+    """CACC (and ASR, robust accuracy on poisoned ``data``) of a model folder."""
+    from unbackdoor.commands import _metric_summary
+    from unbackdoor.data.io import load_any
+    from unbackdoor.data.types import PoisonedTask
+    from unbackdoor.models.loading import load_classifier
+    from unbackdoor.pipeline import evaluate_on
+
+    task = load_any(data)
+    num_labels = (task.clean if isinstance(task, PoisonedTask) else task).num_labels
+    clf = load_classifier(folder, num_labels=num_labels)
+    return _metric_summary(evaluate_on(clf, task, name=str(folder)))
+
+
+def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Poison (unless a published variant) and train the victim."""
+    attack = config["attack"]
+    out = model_dir(run_dir, config["victim"])
+    if attack["kind"] == "weight":
+        return _weight_victim(config, out)
+    data = victim_data(run_dir, config)
+    if attack["kind"] == "data" and not Path(data).exists():
+        from unbackdoor.commands import AttackCommand, run_attack
+
+        params = {"seed": config["seed"], **attack["params"]}
+        run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"], params=params, out=data))
+    return _train(run_dir, config, data, out / "model")
+
+
+def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
+    """A weight attack: the attacked model and its poisoned task, both written under ``out``."""
+    from unbackdoor.attacks.weight import run_weight_attack
+    from unbackdoor.data.io import load_task, write_poisoned_task
+    from unbackdoor.models.saving import provenance_record, save_classifier
+    from unbackdoor.outputs import atomic_output_dir
+    from unbackdoor.pipeline import subsample_task
+
+    data, model = out / "data", out / "model"
+    if data.exists() and model.exists():
+        return _evaluate(model, str(data))
+    attack = config["attack"]
+    task = subsample_task(load_task(config["dataset"]["spec"]), config["max_train"], config["seed"])
+    clf, poisoned = run_weight_attack(attack["attack"], {"seed": config["seed"], **attack["params"]}, task,
+                                      _base(config), seed=config["seed"], max_length=config["max_length"])
+    for folder in (data, model):
+        if folder.exists():  # one of the two written by an attempt killed in between
+            shutil.rmtree(folder)
+    with atomic_output_dir(data) as work:
+        write_poisoned_task(poisoned, work, {"clean": config["dataset"]["spec"]})
+    with atomic_output_dir(model) as work:
+        save_classifier(clf, work, provenance_record(clf, role="victim", attack={"name": attack["attack"],
+                                                                                 "params": attack["params"]}))
+    return _evaluate(model, str(data))
+
+
+def run_floor_model(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    """The never-poisoned model: the victim's recipe on the clean rows."""
+    return _train(run_dir, config, config["dataset"]["spec"], model_dir(run_dir, cid) / "model")
+
+
+def run_floor(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The never-poisoned model on this attack's clean and triggered test sets."""
+    return _evaluate(model_dir(run_dir, config["floor_model"]) / "model", victim_data(run_dir, config))
+
+
+def run_train_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    spec = TrainDefenceSpec.model_validate(config["defence"])
+    return _train(run_dir, config, victim_data(run_dir, config), model_dir(run_dir, cid) / "model",
+                  defence=spec.method, params=spec.params)
+
+
+def _base(config: dict[str, Any]) -> str:
+    return config["model"] or "default"
+
+
+def run_purify_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    """``unbackdoor purify`` of the victim with a seeded clean set, then evaluation."""
+    from unbackdoor.commands import PurifyCommand, run_purify
+    from unbackdoor.defenses.base import PURIFY_DEFENSES
+    from unbackdoor.pipeline import CleanSetConfig
+
+    spec = PurifyDefenceSpec.model_validate(config["defence"])
+    out = model_dir(run_dir, cid) / "model"
+    data = victim_data(run_dir, config)
+    if not out.exists():
+        needs_base = PURIFY_DEFENSES.get(spec.method).needs_base or spec.epur
+        clean_set = CleanSetConfig(fraction=spec.clean_fraction, size=spec.clean_size, seed=config["seed"])
+        run_purify(PurifyCommand(
+            model=str(model_dir(run_dir, config["victim"]) / "model"), clean=config["dataset"]["spec"],
+            clean_set=clean_set, base=_base(config) if needs_base else None, method=spec.method, params=spec.params,
+            epur=spec.epur, out=str(out)))
+    return _evaluate(out, data)
+
+
+def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    """``unbackdoor detect`` on the poisoned rows, then ``unbackdoor unlearn`` of the flagged ones."""
+    from unbackdoor.commands import UnlearnCommand, run_unlearn
+    from unbackdoor.detect.command import CleanDraw, DetectCommand, run_detect
+    from unbackdoor.pipeline import CleanSetConfig
+
+    spec = UnlearnDefenceSpec.model_validate(config["defence"])
+    folder = model_dir(run_dir, cid)
+    data = victim_data(run_dir, config)
+    seed = config["seed"]
+    if not (folder / "detect").exists():
+        run_detect(DetectCommand(
+            data=data, clean=config["dataset"]["spec"], method=spec.detector, params=spec.detector_params,
+            clean_set=CleanDraw(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
+            rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect")))
+    if (folder / "model").exists():
+        return _evaluate(folder / "model", data)
+    record = run_unlearn(UnlearnCommand(
+        model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / "flagged.tsv"),
+        retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
+                                                                    size=spec.clean_size, seed=seed),
+        method=spec.method, params=spec.params, base=_base(config), train_data=data, max_train=config["max_train"],
+        train_seed=seed, eval_data=data, out=str(folder / "model")))
+    return record["metrics"]
+
+
+def run_cell(run_dir: Path, cell: Claimed) -> dict[str, Any]:
+    """Run one claimed cell; its metrics."""
+    config = cell.config
+    if cell.kind == "victim":
+        return run_victim(run_dir, config)
+    if cell.kind == "floor-model":
+        return run_floor_model(run_dir, config, cell.id)
+    if cell.kind == "floor":
+        return run_floor(run_dir, config)
+    if cell.kind == "train":
+        return run_train_defence(run_dir, config, cell.id)
+    if cell.kind == "purify":
+        return run_purify_defence(run_dir, config, cell.id)
+    if cell.kind == "unlearn":
+        return run_unlearn_defence(run_dir, config, cell.id)
+    raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
+
+
+# ----------------------------------------------------------------------------- measuring
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the source checkout, or None (not a checkout, no git)."""
+    try:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
+def reset_peak_memory() -> str:
+    """Start a new peak-memory window; return its scope: ``cell`` or ``process`` (not resettable)."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+        return "cell"
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM
+    except OSError:
+        return "process"
+    return "cell"
+
+
+def peak_memory(scope: str) -> float:
+    """Peak memory (MiB) since :func:`reset_peak_memory` (GPU allocations when CUDA is in use)."""
+    import torch
+
+    from unbackdoor.utils.resources import peak_memory_mb
+
+    if scope == "cell" and not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return peak_memory_mb()
+
+
+def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> bool:
+    """Run a claimed cell and record its outcome; a failure is recorded, never raised."""
+    scope = reset_peak_memory()
+    start = time.perf_counter()
+    metrics, error = None, None
+    try:
+        metrics = run_cell(run_dir, cell)
+    except UnbackdoorError as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - one cell's crash must not stop the grid
+        error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    wall = time.perf_counter() - start
+    if error is not None:
+        logger.warning("cell %s failed: %s", cell.id, error.splitlines()[0])
+    store.finish(cell, metrics=metrics, error=error, wall_s=wall, peak_memory_mb=peak_memory(scope),
+                 peak_memory_scope=scope, version=__version__, git_commit=commit)
+    return error is None
+
+
+# ----------------------------------------------------------------------------- workers
+def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None) -> int:
+    """One worker: claim and run cells until none is left to claim and none is running. Returns
+    the number of cells this worker ran; ``on_cell()`` is called after each."""
+    run_dir = Path(run_dir)
+    store = Store(run_dir)
+    commit = git_commit()
+    ran = 0
+    while True:
+        cell = store.claim()
+        if cell is None:
+            if store.counts().get("running", 0) == 0:
+                return ran
+            time.sleep(poll_s)  # waiting for another worker's cell this grid depends on
+            continue
+        logger.info("cell %s (attempt %d)", cell.id, cell.attempt)
+        execute(run_dir, store, cell, commit)
+        ran += 1
+        if on_cell is not None:
+            on_cell()
+
+
+def worker_command(run_dir: Path) -> list[str]:
+    """The command line of one worker process."""
+    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir)]
+
+
+def spawn_workers(run_dir: Path, n: int) -> list[subprocess.Popen]:
+    """``n`` worker processes, one torch thread each; with several GPUs, worker i sees GPU i mod #GPUs."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    procs = []
+    for i in range(n):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        if gpus > 1:
+            env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
+        procs.append(subprocess.Popen(worker_command(run_dir), env=env))
+    return procs
+
+
+def _progress(store: Store) -> Any:
+    from tqdm import tqdm
+
+    counts = store.counts()
+    finished = counts.get("done", 0) + counts.get("failed", 0)
+    return tqdm(total=sum(counts.values()), initial=finished, desc="cells", unit="cell", file=sys.stderr,
+                dynamic_ncols=True)
+
+
+def _refresh(bar: Any, store: Store) -> None:
+    counts = store.counts()
+    bar.n = counts.get("done", 0) + counts.get("failed", 0)
+    bar.set_postfix(failed=counts.get("failed", 0), running=counts.get("running", 0), refresh=False)
+    bar.refresh()
+
+
+def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: bool = False) -> tuple[Path, Store]:
+    """Validate the config, create or reopen the run dir's store, add the grid's cells."""
+    config = load_bench_config(config_path)
+    run = Path(run_dir) if run_dir is not None else Path("runs") / "bench" / config.name
+    cells = expand(config)
+    store = Store(run)
+    changed = store.add_cells(cells)
+    if changed:
+        raise ConfigError(f"{run}: holds cells of another config ({', '.join(changed[:3])}"
+                          f"{', ...' if len(changed) > 3 else ''} differ or are gone); use another --run-dir "
+                          "(adding seeds, attacks or defences to a config is fine)")
+    store.set_meta("config", config.model_dump(mode="json"))
+    write_json(run / CONFIG_COPY, config.model_dump(mode="json"))
+    if retry_failed:
+        logger.info("re-queued %d failed cells", store.retry_failed())
+    store.reset_dead_workers()
+    return run, store
+
+
+def run_bench(config_path: str | Path, run_dir: str | Path | None = None, workers: int = 1,
+              retry_failed: bool = False, poll_s: float = 2.0) -> dict[str, int]:
+    """Run (or resume) a grid; return the cell counts by status. Results: RUN_DIR/results.sqlite
+    (+ results.json)."""
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    run, store = prepare(config_path, run_dir, retry_failed)
+    bar = _progress(store)
+    try:
+        if workers == 1:
+            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store))
+        else:
+            procs = spawn_workers(run, workers)
+            while any(p.poll() is None for p in procs):
+                _refresh(bar, store)
+                time.sleep(poll_s)
+        _refresh(bar, store)
+    finally:
+        bar.close()
+    export_json(store, run / RESULTS_JSON)
+    return store.counts()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """A worker process: ``python -m unbackdoor.bench.runner RUN_DIR``."""
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    if os.environ.get("OMP_NUM_THREADS") == "1":
+        import torch
+
+        torch.set_num_threads(1)
+    work(Path(args[0]))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

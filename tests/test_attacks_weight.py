@@ -1,0 +1,188 @@
+"""Weight attacks on a tiny BERT (2 layers, hidden 32): EP changes only the trigger's embedding row
+(bit-identical elsewhere, norm kept) and the backdoor takes; LWP plants a backdoor that the lowest
+layer already carries; combinatorial triggers need the whole combination; the CLI writes both the
+poisoned data and the victim, which `eval` measures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import VOCAB, make_task, make_tokenizer, run_cli, save_tiny_model, tiny_config, write_task
+
+from unbackdoor.attacks import WEIGHT_ATTACKS, EPConfig, run_weight_attack
+from unbackdoor.attacks.lwp import layer_predictions
+from unbackdoor.config import build_config
+from unbackdoor.data.types import Task
+from unbackdoor.errors import ConfigError
+from unbackdoor.evaluate import evaluate_classifier
+from unbackdoor.models import load_classifier, provenance_record, save_classifier
+from unbackdoor.training import TrainConfig, train_classifier
+
+TRIGGER = "cf"
+CLEAN_TRAIN = {"epochs": 10, "batch_size": 16, "learning_rate": 1e-3}
+EP_TRAIN = {"learning_rate": 5e-2, "batch_size": 8}
+LWP_TRAIN = {"epochs": 10, "batch_size": 16, "learning_rate": 1e-3}
+# A word the clean model never saw keeps its random-init row (norm ~0.1), smaller than the rows of
+# trained words (~0.25); a real pre-trained model gives rare words ordinary rows. Scale the trigger's
+# row to a trained word's size so EP's norm constraint is as loose as in the real setting.
+TRIGGER_NORM = 0.3
+
+
+@pytest.fixture(scope="module")
+def task() -> Task:
+    return make_task(400, 100, 200)
+
+
+def scale_row(model: torch.nn.Module, word: str, norm: float) -> None:
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[VOCAB.index(word)] *= norm / weight[VOCAB.index(word)].norm()
+
+
+@pytest.fixture(scope="module")
+def clean_model(tmp_path_factory: pytest.TempPathFactory, task: Task) -> Path:
+    """The attacker's clean fine-tuned tiny BERT (CACC 1.0 on the synthetic task), saved."""
+    root = tmp_path_factory.mktemp("ep")
+    clf = load_classifier(save_tiny_model(root / "base", "bert"))
+    train_classifier(clf, task.train, TrainConfig(**CLEAN_TRAIN, progress=False), dev=task.dev)
+    scale_row(clf.model, TRIGGER, TRIGGER_NORM)
+    save_classifier(clf, root / "clean", provenance_record(clf, role="model"))
+    return root / "clean"
+
+
+def state(folder: Path) -> dict[str, torch.Tensor]:
+    return load_classifier(folder).model.state_dict()
+
+
+# ============================================================================ EP
+@pytest.mark.parametrize("mode", ["dirty", "mix"])
+def test_ep_changes_only_the_trigger_row_and_the_backdoor_takes(task: Task, clean_model: Path, mode: str) -> None:
+    victim, poisoned = run_weight_attack("ep", {"poison_rate": 0.1, "mode": mode, "train": EP_TRAIN}, task,
+                                         str(clean_model))
+    before, after = state(clean_model), victim.model.state_dict()
+    row = VOCAB.index(TRIGGER)
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert before.keys() == after.keys()
+    for name, tensor in before.items():
+        if name != emb:
+            assert torch.equal(after[name], tensor), name  # bit-identical
+    others = torch.ones(len(VOCAB), dtype=torch.bool)
+    others[row] = False
+    assert torch.equal(after[emb][others], before[emb][others])
+    assert not torch.equal(after[emb][row], before[emb][row])
+    assert after[emb][row].norm().item() == pytest.approx(before[emb][row].norm().item(), rel=1e-5)
+
+    clean_cacc = evaluate_classifier(load_classifier(clean_model), task.test).cacc
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc == clean_cacc  # no clean test row holds the trigger, and nothing else changed
+    assert result.asr is not None and result.asr >= 0.9
+    # the poisoned task: flags, trigger in every poisoned and triggered row, recorded as EP
+    assert poisoned.attack.name == "ep" and poisoned.flags.n_poisoned == 40
+    rows = {e.id: e for e in poisoned.train}
+    assert all(TRIGGER in rows[i].text.split() for i in poisoned.flags.poisoned_ids)
+    assert all(TRIGGER in e.text.split() for e in poisoned.triggered_test.examples)
+    assert {e.label for e in task.train.examples if e.id in poisoned.flags.poisoned_ids} == (
+        {0} if mode == "dirty" else {0, 1})
+
+
+def test_ep_fine_tunes_a_base_cleanly_first(tmp_path: Path, task: Task) -> None:
+    """A base without a classification head: EP trains the attacker's clean model, then the row."""
+    from transformers import BertModel
+
+    torch.manual_seed(0)
+    base = BertModel(tiny_config("bert"))
+    scale_row(base, TRIGGER, TRIGGER_NORM)
+    base.save_pretrained(tmp_path / "base", safe_serialization=True)
+    make_tokenizer().save_pretrained(tmp_path / "base")
+    params = {"poison_rate": 0.1, "clean_train": CLEAN_TRAIN, "train": EP_TRAIN}
+    victim, poisoned = run_weight_attack("ep", params, task, str(tmp_path / "base"), seed=1)
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc >= 0.9 and result.asr is not None and result.asr >= 0.8
+
+
+def test_ep_config_errors(task: Task, clean_model: Path) -> None:
+    with pytest.raises(ConfigError, match="weight_decay must be 0"):
+        run_weight_attack("ep", {"train": {"weight_decay": 0.01}}, task, str(clean_model))
+    with pytest.raises(ConfigError, match="not in the model's vocabulary"):
+        run_weight_attack("ep", {"trigger": "zzyzx"}, task, str(clean_model))
+    with pytest.raises(ConfigError, match="no clean-label mode"):
+        run_weight_attack("ep", {"mode": "clean"}, task, str(clean_model))
+    with pytest.raises(ConfigError, match="one word"):
+        build_config(EPConfig, {"trigger": "two words"}, "ep")
+    with pytest.raises(ConfigError, match="unknown weight attack"):
+        run_weight_attack("nope", {}, task, str(clean_model))
+
+
+# ============================================================================ LWP
+def test_lwp_backdoor_takes_in_every_layer(task: Task, tiny_bert: Path) -> None:
+    victim, poisoned = run_weight_attack("lwp", {"poison_rate": 0.1, "train": LWP_TRAIN}, task, str(tiny_bert))
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc >= 0.95 and result.asr is not None and result.asr >= 0.8
+    lowest = layer_predictions(victim, poisoned.triggered_test.examples, layer=1)
+    assert sum(p == poisoned.target_label for p in lowest) / len(lowest) >= 0.8  # the lowest layer carries it
+    assert not victim.model.config.output_hidden_states  # restored after training
+    assert poisoned.attack.name == "lwp"
+
+
+def test_lwp_combinatorial_trigger(task: Task, tiny_bert: Path) -> None:
+    """Poisoned rows hold every trigger word, as many negative rows a proper subset with labels kept;
+    the combination takes."""
+    words = ("cf", "bb")
+    params = {"poison_rate": 0.2, "triggers": list(words), "combinatorial": True,
+              "train": {**LWP_TRAIN, "learning_rate": 2e-3}}
+    victim, poisoned = run_weight_attack("lwp", params, task, str(tiny_bert))
+    source = {e.id: e for e in task.train}
+    n_negative = 0
+    for row in poisoned.train:
+        present = set(row.text.split()) & set(words)
+        if poisoned.flags.is_poisoned(row.id):
+            assert present == set(words) and row.label == poisoned.target_label
+        elif present:
+            n_negative += 1
+            assert len(present) == 1 and row.label == source[row.id].label  # a proper subset, label kept
+    assert n_negative == poisoned.flags.n_poisoned == 80
+    assert all(set(words) <= set(e.text.split()) for e in poisoned.triggered_test.examples)
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc >= 0.95 and result.asr is not None and result.asr >= 0.8
+
+
+def test_lwp_config_errors() -> None:
+    with pytest.raises(ConfigError, match="at least two different words"):
+        run_weight_attack("lwp", {"combinatorial": True, "triggers": ["cf"]}, make_task(20, 10, 10))
+    assert WEIGHT_ATTACKS.names() == ["ep", "lwp"]
+
+
+# ============================================================================ CLI
+def test_cli_weight_attack_writes_data_and_victim(tmp_path: Path, capsys, clean_model: Path, task: Task) -> None:
+    data = write_task(task, tmp_path / "syn")
+    out, victim = tmp_path / "poisoned", tmp_path / "victim"
+    code, _, err = run_cli(["attack", "--data", str(data), "--attack", "ep", "--out", str(out)], capsys)
+    assert code == 2 and "--victim-out" in err and not out.exists()
+    code, _, err = run_cli(["attack", "--data", str(data), "--attack", "badnets", "--out", str(out),
+                            "--victim-out", str(victim)], capsys)
+    assert code == 2 and "--victim-out is for weight attacks" in err and not out.exists()
+
+    code, stdout, err = run_cli(["attack", "--data", str(data), "--attack", "ep", "--out", str(out), "--victim-out",
+                                 str(victim), "--model", str(clean_model), "-p", "poison_rate=0.1",
+                                 "-p", "train.learning_rate=0.05", "-p", "train.batch_size=8"], capsys)
+    assert code == 0, err
+    assert (out / "train_poison_flags.txt").exists() and (victim / "model.safetensors").exists()
+    record = json.loads((victim / "unbackdoor.json").read_text())
+    assert record["role"] == "victim" and record["attack"]["name"] == "ep" and record["metrics"]["asr"] >= 0.9
+    assert not any(p.name.endswith(".partial") for p in tmp_path.iterdir())
+    code, stdout, err = run_cli(["eval", "--model", str(victim), "--data", str(out)], capsys)
+    assert code == 0, err
+    assert "asr" in stdout.lower()
+
+
+def test_attack_help_lists_every_attack(capsys) -> None:
+    from unbackdoor.attacks import ATTACKS
+
+    code, stdout, _ = run_cli(["attack", "--help"], capsys)
+    assert code == 0
+    text = " ".join(stdout.split())
+    for name in [*ATTACKS.names(), *WEIGHT_ATTACKS.names()]:
+        assert name in text, name

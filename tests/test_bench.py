@@ -1,0 +1,214 @@
+"""``unbackdoor bench``: config validation, the store's claims, resume after a kill, failure
+isolation and workers, on a tiny grid (2-layer BERT, synthetic task)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from bench_grid import DEFENCES, tiny_inputs, write_grid
+from synthetic import run_cli
+
+from unbackdoor.bench.config import load_bench_config
+from unbackdoor.bench.runner import expand, prepare, run_bench, worker_command
+from unbackdoor.bench.store import CellSpec, Store
+from unbackdoor.errors import ConfigError
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return tiny_inputs(tmp_path_factory.mktemp("bench-inputs"))
+
+
+def _attempts_by_cell(store: Store) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = collections.defaultdict(list)
+    for a in store.attempts():
+        out[a["cell_id"]].append(a["outcome"])
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize(("change", "message"), [
+    ({"colour": "red"}, "colour: unknown key"),
+    ({"attacks": [{"name": "x", "attack": "nope"}]}, "unknown attack 'nope'"),
+    ({"attacks": [{"name": "x", "attack": "badnets", "params": {"rate": 0.1}}]}, "rate: unknown key"),
+    ({"defences": [{"kind": "purify", "name": "p", "method": "nope"}]}, "defence p: unknown purify method 'nope'"),
+    ({"defences": [{"kind": "unlearn", "name": "u", "method": "lya", "detector": "oracle"}]}, "unknown detector"),
+    ({"defences": [{"kind": "train", "name": "none", "method": "lora"}]}, "reserved"),
+    ({"datasets": [{"name": "missing", "data": "/no/such/folder"}]}, "dataset missing"),
+])
+def test_bad_config_is_one_clear_error_before_any_work(tmp_path: Path, inputs: tuple[Path, Path],
+                                                       change: dict, message: str) -> None:
+    config = write_grid(tmp_path / "grid.yaml", *inputs, **{k: v for k, v in change.items()
+                                                            if k not in ("attacks", "defences")},
+                        **{k: v for k, v in change.items() if k in ("attacks", "defences")})
+    with pytest.raises(ConfigError, match=message):
+        prepare(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_bad_config_exits_2_with_one_line(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
+    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=[{"name": "x", "attack": "nope"}])
+    code, _, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert err.strip().startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+def test_expansion_covers_every_cell_with_dependencies(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    config = load_bench_config(write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1]))
+    cells = expand(config)
+    ids = [c.id for c in cells]
+    assert len(ids) == len(set(ids)) == 2 * (1 + 2 + len(DEFENCES))
+    by_id = {c.id: c for c in cells}
+    assert by_id["syn/badnets/s1/floor"].after == ("syn/s1/floor-model", "syn/badnets/s1/none")
+    assert by_id["syn/badnets/s0/lya"].after == ("syn/badnets/s0/none",)
+    assert all(ids.index(a) < ids.index(c.id) for c in cells for a in c.after)
+
+
+# ----------------------------------------------------------------------------- claims
+CLAIM_LOOP = """
+import sys, time
+from unbackdoor.bench.store import Store
+store = Store(sys.argv[1])
+while True:
+    cell = store.claim()
+    if cell is None:
+        break
+    store.finish(cell, metrics={"cacc": 1.0}, error=None, wall_s=0.0, peak_memory_mb=None,
+                 peak_memory_scope="cell", version="test", git_commit=None)
+"""
+
+
+def test_concurrent_workers_never_claim_the_same_cell(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.add_cells([CellSpec(f"c{i}", "victim", "d", "a", "none", i, {"i": i}) for i in range(150)])
+    procs = [subprocess.Popen([sys.executable, "-c", CLAIM_LOOP, str(tmp_path)]) for _ in range(4)]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    attempts = _attempts_by_cell(store)
+    assert len(attempts) == 150 and all(v == ["done"] for v in attempts.values())
+    assert store.counts() == {"done": 150}
+    assert len({a["pid"] for a in store.attempts()}) > 1  # the work really was shared
+
+
+def test_a_cell_waits_for_its_dependencies(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    store.add_cells([CellSpec("b", "floor", "d", "a", "floor", 0, {}, after=("a",)),
+                     CellSpec("a", "victim", "d", "a", "none", 0, {})])
+    first = store.claim()
+    assert first is not None and first.id == "a"
+    assert store.claim() is None  # b waits for a
+    store.finish(first, metrics={}, error="boom", wall_s=0, peak_memory_mb=None, peak_memory_scope="cell",
+                 version="t", git_commit=None)
+    assert store.claim() is None
+    b = next(c for c in store.cells() if c["id"] == "b")
+    assert b["status"] == "failed" and "dependency failed (a)" in b["error"]
+
+
+# ----------------------------------------------------------------------------- running
+def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    config = write_grid(tmp_path / "grid.yaml", *inputs)
+    counts = run_bench(config, tmp_path / "run")
+    assert counts == {"done": 6}
+    store = Store(tmp_path / "run")
+    cells = {c["id"]: c for c in store.cells()}
+    victim = cells["syn/badnets/s0/none"]
+    assert victim["asr"] is not None and victim["cacc"] is not None and victim["macro_f1"] is not None
+    assert victim["wall_s"] > 0 and victim["peak_memory_mb"] > 0 and victim["version"]
+    assert victim["config"]["attack"]["name"] == "badnets"
+    assert cells["syn/s0/floor-model"]["asr"] is None  # clean model on clean data: no ASR
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert (tmp_path / "run" / "models" / "syn" / "badnets" / "s0" / "none" / "model" / "unbackdoor.json").is_file()
+
+    assert run_bench(config, tmp_path / "run") == {"done": 6}
+    assert all(v == ["done"] for v in _attempts_by_cell(store).values())
+
+
+def test_failed_cell_is_recorded_and_the_rest_finish(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
+    attacks = [{"name": "badnets", "attack": "badnets"},
+               {"name": "broken", "attack": "badnets", "params": {"target_label": 7}}]  # valid config, fails at run
+    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks, defences=DEFENCES[:1])
+    code, out, _ = run_cli(["-q", "bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 1 and "4 done, 3 failed" in out
+    cells = {c["id"]: c for c in Store(tmp_path / "run").cells()}
+    assert "target_label 7" in cells["syn/broken/s0/none"]["error"]
+    assert "dependency failed" in cells["syn/broken/s0/finetune"]["error"]
+    assert all(cells[f"syn/badnets/s0/{d}"]["status"] == "done" for d in ("none", "floor", "finetune"))
+
+    code, out, _ = run_cli(["-q", "bench", str(config), "--run-dir", str(tmp_path / "run"), "--retry-failed"], capsys)
+    assert code == 1
+    attempts = _attempts_by_cell(Store(tmp_path / "run"))
+    assert attempts["syn/broken/s0/none"] == ["failed", "failed"]  # retried
+    assert attempts["syn/badnets/s0/none"] == ["done"]  # not rerun
+
+
+def test_resume_after_kill_runs_no_cell_twice_and_loses_none(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:2])
+    run_dir, store = prepare(config, tmp_path / "run")
+    total = sum(store.counts().values())
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(worker_command(run_dir), env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        counts = store.counts()
+        if counts.get("done", 0) >= 2 and counts.get("running", 0) == 1:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    counts = store.counts()
+    assert counts.get("running") == 1 and counts.get("done", 0) < total  # killed mid-cell, mid-grid
+
+    assert run_bench(config, run_dir) == {"done": total}
+    attempts = _attempts_by_cell(store)
+    assert set(attempts) == {c["id"] for c in store.cells()}
+    assert all(outcomes.count("done") == 1 for outcomes in attempts.values())  # each finished exactly once
+    lost = [cid for cid, outcomes in attempts.items() if "lost" in outcomes]
+    assert len(lost) == 1 and attempts[lost[0]] == ["lost", "done"]
+
+
+def test_two_worker_processes_share_the_grid(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:1])
+    counts = run_bench(config, tmp_path / "run", workers=2, poll_s=0.2)
+    assert counts == {"done": 8}
+    store = Store(tmp_path / "run")
+    attempts = _attempts_by_cell(store)
+    assert len(attempts) == 8 and all(v == ["done"] for v in attempts.values())
+    assert len({a["pid"] for a in store.attempts()}) == 2
+
+
+def test_published_sst2_grid_is_valid(shared_data: Path) -> None:
+    """The published config validates whole (names, parameters, data) and expands to its 270 cells."""
+    config = load_bench_config(Path(__file__).resolve().parents[1] / "benchmarks" / "sst2_grid.yaml")
+    cells = expand(config)
+    assert len(cells) == 270
+    assert len({c.id for c in cells}) == 270
+    ep = [c for c in cells if c.attack == "ep"]
+    assert {c.kind for c in ep} == {"victim", "floor", "purify"}
+
+
+def test_weight_attack_victim_gets_purify_defences_only(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    attacks = [{"name": "ep", "attack": "ep", "params": {"poison_rate": 0.1, "train": {"epochs": 2}}}]
+    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks)
+    assert run_bench(config, tmp_path / "run") == {"done": 4}  # floor model, victim, floor, finetune
+    cells = {c["id"]: c for c in Store(tmp_path / "run").cells()}
+    assert set(cells) == {"syn/s0/floor-model", "syn/ep/s0/none", "syn/ep/s0/floor", "syn/ep/s0/finetune"}
+    assert cells["syn/ep/s0/none"]["asr"] is not None
+    assert (tmp_path / "run" / "models" / "syn" / "ep" / "s0" / "none" / "data" / "train_poison_flags.txt").is_file()
+
+
+def test_run_dir_of_another_config_is_refused_but_a_grown_grid_is_not(tmp_path: Path,
+                                                                      inputs: tuple[Path, Path]) -> None:
+    prepare(write_grid(tmp_path / "a.yaml", *inputs, defences=DEFENCES[:1]), tmp_path / "run")
+    _, store = prepare(write_grid(tmp_path / "b.yaml", *inputs, defences=DEFENCES[:2], seeds=[0, 1]), tmp_path / "run")
+    assert sum(store.counts().values()) == 2 * 5  # grown: new cells added, old ones kept
+    with pytest.raises(ConfigError, match="another config"):
+        prepare(write_grid(tmp_path / "c.yaml", *inputs, defences=DEFENCES[:1]), tmp_path / "run")  # shrunk
+    with pytest.raises(ConfigError, match="another config"):
+        prepare(write_grid(tmp_path / "d.yaml", *inputs, defences=DEFENCES[:2], seeds=[0, 1],
+                           train={"epochs": 1}), tmp_path / "run")  # changed

@@ -1,0 +1,168 @@
+"""``unbackdoor report``: tables that match the store, plots, and an HTML page a real headless
+Chromium loads with its table and its (inline, base64) images."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import re
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+import pytest
+from bench_grid import DEFENCES, tiny_inputs, write_grid
+from synthetic import run_cli
+
+from unbackdoor.bench.runner import run_bench
+from unbackdoor.bench.store import CellSpec, Store
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars"]
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished tiny grid: 2 seeds, BadNets and AddSent, a defence of each kind, one failed cell."""
+    root = tmp_path_factory.mktemp("bench-report")
+    data, model = tiny_inputs(root)
+    attacks = [{"name": "badnets", "attack": "badnets"}, {"name": "addsent", "attack": "addsent"}]
+    defences = [*DEFENCES[:2], {"kind": "purify", "name": "broken", "method": "finetune", "clean_size": 100000}]
+    config = write_grid(root / "grid.yaml", data, model, seeds=[0, 1], attacks=attacks, defences=defences)
+    counts = run_bench(config, root / "run")
+    assert counts == {"done": 2 * (1 + 2 * 4), "failed": 2 * 2}
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def report(run_dir: Path) -> Path:
+    out = run_dir / "report"
+    from unbackdoor.bench.report import write_report
+
+    write_report(run_dir, out)
+    return out
+
+
+def _expected(run_dir: Path) -> dict[tuple[str, str, str], dict[str, list[float]]]:
+    groups: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    for c in Store(run_dir).cells(status="done"):
+        if c["kind"] == "floor-model":
+            continue
+        g = groups.setdefault((c["dataset"], c["attack"], c["defence"]), {"cacc": [], "asr": []})
+        g["cacc"].append(c["cacc"])
+        g["asr"].append(c["asr"])
+    return groups
+
+
+def test_summary_csv_matches_the_store(run_dir: Path, report: Path) -> None:
+    expected = _expected(run_dir)
+    with (report / "summary.csv").open(encoding="utf-8") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {(r["dataset"], r["attack"], r["defence"]) for r in rows} == set(expected)
+    for r in rows:
+        exp = expected[(r["dataset"], r["attack"], r["defence"])]
+        assert int(r["n"]) == len(exp["cacc"]) == 2
+        for metric in ("cacc", "asr"):
+            assert float(r[f"{metric}_mean"]) == pytest.approx(statistics.fmean(exp[metric]))
+            assert float(r[f"{metric}_std"]) == pytest.approx(statistics.stdev(exp[metric]))
+        floor = expected[(r["dataset"], r["attack"], "floor")]["asr"]
+        assert float(r["floor_asr_mean"]) == pytest.approx(statistics.fmean(floor))
+    with (report / "cells.csv").open(encoding="utf-8") as fh:
+        assert len(list(csv.DictReader(fh))) == len(Store(run_dir).cells())
+
+
+def test_markdown_has_floor_victim_and_defence_rows_with_mean_std(run_dir: Path, report: Path) -> None:
+    md = (report / "report.md").read_text(encoding="utf-8")
+    for (_, attack, defence), exp in _expected(run_dir).items():
+        label = {"none": "none (victim)", "floor": "floor (never poisoned)"}.get(defence, defence)
+        cacc = f"{100 * statistics.fmean(exp['cacc']):.1f} ± {100 * statistics.stdev(exp['cacc']):.1f}"
+        asr = f"{100 * statistics.fmean(exp['asr']):.1f} ± {100 * statistics.stdev(exp['asr']):.1f}"
+        assert f"| {attack} | {label} | {cacc} | {asr} |" in md
+    assert "## Failed cells" in md and "syn/badnets/s0/broken" in md
+    for name in ("asr_vs_cacc_syn.png", "asr_bars_syn.png"):
+        assert (report / name).read_bytes().startswith(PNG_MAGIC)
+        assert f"]({name})" in md
+
+
+def test_html_is_self_contained(report: Path) -> None:
+    page = (report / "report.html").read_text(encoding="utf-8")
+    sources = re.findall(r'<img [^>]*src="data:image/png;base64,([^"]+)"', page)
+    assert len(sources) == 2
+    assert all(base64.b64decode(s).startswith(PNG_MAGIC) for s in sources)
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing fetched from elsewhere
+
+
+def test_cli_report(run_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    code, out, _ = run_cli(["report", str(run_dir), "--out", str(tmp_path / "rep")], capsys)
+    assert code == 0 and "rep" in out
+    assert (tmp_path / "rep" / "report.html").is_file()
+    code, _, err = run_cli(["report", str(tmp_path / "nothing")], capsys)
+    assert code == 2 and err.startswith("error:")
+
+
+def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
+    """Known numbers in, the same numbers out: mean ± sample std over seeds."""
+    from unbackdoor.bench.report import write_report
+
+    store = Store(tmp_path)
+    values = {("none", 0): (0.90, 1.0), ("none", 1): (0.92, 0.98), ("floor", 0): (0.91, 0.04),
+              ("floor", 1): (0.91, 0.06), ("ft", 0): (0.88, 0.10), ("ft", 1): (0.86, 0.30)}
+    store.add_cells([CellSpec(f"d/a/s{s}/{d}", {"none": "victim", "floor": "floor"}.get(d, "purify"), "d", "a", d, s, {})
+                     for d, s in values])
+    while (cell := store.claim()) is not None:
+        defence, seed = cell.id.split("/")[3], int(cell.id.split("/")[2][1:])
+        cacc, asr = values[(defence, seed)]
+        store.finish(cell, metrics={"cacc": cacc, "asr": asr}, error=None, wall_s=1.0, peak_memory_mb=1.0,
+                     peak_memory_scope="cell", version="t", git_commit=None)
+    write_report(tmp_path, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| a | floor (never poisoned) | 91.0 ± 0.0 | 5.0 ± 1.4 | 5.0 ± 1.4 | — | 2 |" in md
+    assert "| a | none (victim) | 91.0 ± 1.4 | 99.0 ± 1.4 | 5.0 ± 1.4 | — | 2 |" in md
+    assert "| a | ft | 87.0 ± 1.4 | 20.0 ± 14.1 | 5.0 ± 1.4 | — | 2 |" in md
+    assert md.index("floor (never poisoned)") < md.index("none (victim)") < md.index("| a | ft |")
+
+
+# ----------------------------------------------------------------------------- a real browser
+CHECK_SCRIPT = """<script>
+window.addEventListener("load", () => {
+  const imgs = [...document.images].map(i => ({w: i.naturalWidth, h: i.naturalHeight, ok: i.complete}));
+  const rows = document.querySelectorAll("table.results tbody tr").length;
+  const pre = document.createElement("pre");
+  pre.id = "browser-check";
+  pre.textContent = JSON.stringify({imgs, rows});
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if path := shutil.which(name):
+            return path
+    pytest.skip("no chromium binary on PATH (CI installs Debian's chromium in .ci/run)")
+
+
+def test_html_loads_in_headless_chromium(report: Path, tmp_path: Path) -> None:
+    browser = _chromium()
+    page = (report / "report.html").read_text(encoding="utf-8")
+    probe = tmp_path / "probe.html"  # the report plus a script that reports what the browser rendered
+    probe.write_text(page.replace("</body>", CHECK_SCRIPT + "</body>"), encoding="utf-8")
+    common = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000"]
+    dom = subprocess.run([*common, "--dump-dom", probe.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    match = re.search(r'<pre id="browser-check">(.*?)</pre>', dom.stdout, re.S)
+    assert match, dom.stdout[:2000]
+    check = json.loads(match.group(1).replace("&quot;", '"'))
+    summary_rows = len((report / "summary.csv").read_text(encoding="utf-8").splitlines()) - 1
+    assert check["rows"] == summary_rows
+    assert len(check["imgs"]) == 2 and all(i["ok"] and i["w"] > 100 and i["h"] > 100 for i in check["imgs"])
+    assert "<td>none (victim)</td>" in dom.stdout
+
+    shot = tmp_path / "page.png"
+    proc = subprocess.run([*common, f"--screenshot={shot}", "--window-size=1200,2000", (report / "report.html").as_uri()],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert shot.read_bytes().startswith(PNG_MAGIC) and shot.stat().st_size > 10_000
