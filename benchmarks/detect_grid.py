@@ -119,6 +119,15 @@ def grid(out: Path) -> list[Cell]:
         cells.append(_lya(out, name, data, victim, "detected", fixed([str(flagged / "flagged.tsv")]),
                           after=(victim, flagged)))
         cells.append(_lya(out, name, data, victim, "oracle", _oracle_forget(out, data, name), after=(victim,)))
+    # (d) the experimental repair method with the detected forget set (relabel with a reference trained
+    # from the base on the retain rows), where LYA with the detected rows failed
+    victim, flagged = out / "victims" / "badnets-dirty", out / "detect" / f"badnets-dirty-{UNLEARN_DETECTOR}"
+    target = out / "unlearned" / "badnets-dirty-repair-detected"
+    cells.append(Cell("repair-detected-badnets-dirty", target,
+                      fixed(["-q", "unlearn", "-m", str(victim), "--forget", str(flagged / "flagged.tsv"), "--retain",
+                             "sst2", "--retain-fraction", "0.05", "--method", "repair", "--base", "default",
+                             "--eval-data", datasets(out)["badnets-dirty"], "--out", str(target)]),
+                      after=(victim, flagged)))
     for name, data in datasets(out).items():
         target = out / "models" / f"{name}-reweight"
         cells.append(Cell(f"reweight-{name}", target,
@@ -147,7 +156,7 @@ def reuse_victims(out: Path, runs: Path) -> None:
 
 def run_grid(args: argparse.Namespace) -> None:
     out = Path(args.out)
-    for sub in ("data", "victims"):
+    for sub in ("data", "victims", "evals"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     if args.reuse:
         reuse_victims(out, Path(args.reuse))
@@ -206,11 +215,16 @@ def outcome_lines(out: Path, name: str) -> list[str]:
         path = out / "evals" / f"{role}-{name}.json"
         if path.exists():
             lines.append(_row(label, record(path)))
-    for label in ("detected", "oracle"):
-        folder = out / "unlearned" / f"{name}-lya-{label}"
+    for tag, label in (("b", "detected"), ("c", "oracle"), ("d", "repair-detected")):
+        folder = out / "unlearned" / (f"{name}-{label}" if label.startswith("repair") else f"{name}-lya-{label}")
         if folder.exists():
             rec = record(folder)
-            lines.append(_row(f"(b/c) LYA, {label} forget set ({rec['n_forget']} rows)", rec["metrics"],
+            stop = rec["defense"]
+            what = ("experimental repair (relabel), detected forget set" if label.startswith("repair")
+                    else f"LYA, {label} forget set")
+            how = ("" if stop.get("stop_reason") is None else
+                   f"; {stop['stop_reason']} @{stop.get('stopped_at_step')}, kept step {stop.get('chosen_step')}")
+            lines.append(_row(f"({tag}) {what} ({rec['n_forget']} rows{how})", rec["metrics"],
                               rec["wall_time_s"], rec["peak_memory_mb"]))
     path = out / "evals" / f"{name}-reweight.json"
     if path.exists():
@@ -247,7 +261,7 @@ def write_report(args: argparse.Namespace) -> None:
                          f"{100 * m['recall']:.1f} | {m['auroc']:.3f} | "
                          f"{walls.get(f'detect-{name}-{label}', float('nan')):.0f} | {peak:.0f} |")
     lines += ["", "## Defences: (a) reweighted training, (b) LYA with the detected forget set, (c) LYA with the "
-              "oracle forget set", "",
+              "oracle forget set, (d) experimental repair with the detected forget set (our BadNets only)", "",
               f"LYA's detected forget set is the `{UNLEARN_DETECTOR}` detector's flagged rows; the oracle one is every "
               "truly poisoned row. Retain set: 5 % of clean SST-2 (346 rows). RA = accuracy on the triggered test "
               "rows w.r.t. their true labels.", ""]
@@ -258,7 +272,7 @@ def write_report(args: argparse.Namespace) -> None:
                   "Our AddSent (dirty label, 10 %) on OLID, 3,000 training rows, 1 % clean OLID rows: another task and "
                   "trigger than the four sets above. Candidates (`-p` changes from the defaults before this pilot: "
                   "outer_lr 0.1, inner_steps 5, epochs 20, mean pooling, levels 2):", "", *pilot_lines(out), ""]
-    lines += ["## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
+    lines += ["## Commands of the cells", "", "```", *{r["cell"]: r["command"] for r in wall_times(out)}.values(), "```", ""]
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(json.dumps({"wrote": args.md}))

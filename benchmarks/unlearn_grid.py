@@ -50,6 +50,7 @@ def victims(out: Path) -> dict[str, Victim]:
 
 
 FORGET_FRACTIONS = (0.1, 0.5, 1.0)
+RETRAIN_FRACTIONS = (1.0, 0.5)
 ASCENT_METHODS = ("lya", "gradient-ascent")
 RETAIN_FRACTION = 0.05
 TSBD_FRACTIONS = (0.01, 0.05)
@@ -117,9 +118,9 @@ def grid(out: Path) -> list[Cell]:
     cells = [Cell("data-badnets-dirty", out / "data" / "badnets-dirty",
                   fixed(["-q", "attack", "--data", "sst2", "--attack", "badnets", "--poison-rate", "0.1",
                          "--out", str(out / "data" / "badnets-dirty")]))]
-    # retraining (one full training per cell) after the cheaper cells: 100 % first, the code task last
-    retrain = [_unlearn(out, name, v, "retrain", f) for f in sorted(FORGET_FRACTIONS, reverse=True)
-               for name, v in victims(out).items()]
+    # retraining (one full training per cell) after the cheaper cells: 100 % first, the code task last;
+    # not 10 %: with half the poisoned rows left in, retraining already keeps the whole backdoor
+    retrain = [_unlearn(out, name, v, "retrain", f) for f in RETRAIN_FRACTIONS for name, v in victims(out).items()]
     retrain.sort(key=lambda c: c.name.startswith("devign"))
     for name, v in victims(out).items():
         if name == "devign-dci":  # the SST-2 retraining baseline with every poisoned row before the code task
@@ -221,7 +222,10 @@ def write_report(args: argparse.Namespace) -> None:
             if rep.get("stopped_at_step") is not None:
                 stop += f" @{rep['stopped_at_step']}, kept step {rep.get('chosen_step')}"
             size = f"{rec['n_forget']} rows" if rec["defense"]["method"] != "finetune" else "—"
-            lines.append(f"| {rep['method']} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
+            method = rep["method"] + (" (experimental)" if rep.get("experimental") else "")
+            if "-benign" in folder.name:
+                size += f" ({rec['n_forget'] // 2} poisoned + as many clean)"
+            lines.append(f"| {method} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
                          f"{_fmt(m, 'robust_accuracy')} | {stop} | {rec['wall_time_s']:.0f} | "
                          f"{rec['peak_memory_mb']:.0f} |")
         for fraction in TSBD_FRACTIONS:
@@ -234,7 +238,7 @@ def write_report(args: argparse.Namespace) -> None:
                          f"{_fmt(m, 'robust_accuracy')} | | {rec.get('wall_time_s', float('nan')):.0f} | "
                          f"{rec.get('peak_memory_mb', float('nan')):.0f} |")
         lines.append("")
-    lines += ["## Commands of the cells", "", "```", *[r["command"] for r in wall_times(out)], "```", ""]
+    lines += ["## Commands of the cells", "", "```", *{r["cell"]: r["command"] for r in wall_times(out)}.values(), "```", ""]
     Path(args.md).parent.mkdir(parents=True, exist_ok=True)
     Path(args.md).write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(f"wrote {args.md}")
