@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -102,3 +103,13 @@ def record(folder: Path) -> dict:
     """A model folder's ``unbackdoor.json``, or an eval JSON file."""
     path = folder / "unbackdoor.json" if folder.is_dir() else folder
     return json.loads(path.read_text())
+
+
+def copy_if_missing(src: Path, dst: Path) -> None:
+    """Copy a finished model folder of another grid (same recipe) to ``dst`` atomically, unless
+    ``dst`` exists or ``src`` does not."""
+    if src.exists() and not dst.exists():
+        partial = dst.with_name(f".{dst.name}.partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(src, partial)
+        partial.rename(dst)

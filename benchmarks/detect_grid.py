@@ -6,9 +6,11 @@
 
 Cells (``benchmarks/cells.py``; each one ``unbackdoor`` call): ``detect`` with bilevel and trilevel
 reweighting and the per-row loss baseline on each poisoned SST-2 training set (1 % clean set, flag
-rate 10 %: the defender does not know the poison rate); reweighted training (``train --defense
-reweight``); LYA with the detected forget set (``flagged.tsv``) on the victims of
-``unlearn_grid.py``. Only this script's report reads the true flags, to score the detections.
+rate 10 %: the defender does not know the poison rate); the victims (copied from the other grids
+with ``--reuse``, else trained) and the never-poisoned floor, evaluated; LYA with the detected
+forget set (``flagged.tsv``) and with the oracle one (every truly poisoned row); the experimental
+``repair`` with the detected rows on our BadNets; reweighted training (``train --defense
+reweight``). Only the oracle forget files and this script's report read the true flags.
 """
 
 from __future__ import annotations
@@ -17,11 +19,10 @@ import argparse
 import csv
 import json
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from cells import Cell, fixed, record, spawn, wall_times, work
+from cells import Cell, copy_if_missing, fixed, record, spawn, wall_times, work
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -146,12 +147,7 @@ REUSE = {"badnets-dirty": "unlearn_grid/models/badnets-dirty", "synbkd-hiddenkil
 def reuse_victims(out: Path, runs: Path) -> None:
     """Copy victims trained with the same recipe by the other grids; victims already here are kept."""
     for name, rel in REUSE.items():
-        src, dst = runs / rel, out / "victims" / name
-        if src.exists() and not dst.exists():
-            partial = dst.with_name(f".{dst.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(src, partial)
-            partial.rename(dst)
+        copy_if_missing(runs / rel, out / "victims" / name)
 
 
 def run_grid(args: argparse.Namespace) -> None:

@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from cells import Cell, fixed, record, spawn, wall_times, work
+from cells import Cell, copy_if_missing, fixed, record, spawn, wall_times, work
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -158,12 +157,7 @@ def reuse_victims(out: Path, source: Path) -> None:
     pairs = [(v.reuse_as, name) for name, v in victims(out).items() if v.reuse_as]
     pairs.append(("never-poisoned", "never-poisoned-sst2"))
     for src_name, name in pairs:
-        src, dst = source / src_name, out / "models" / name
-        if src.exists() and not dst.exists():
-            partial = dst.with_name(f".{dst.name}.partial")
-            shutil.rmtree(partial, ignore_errors=True)
-            shutil.copytree(src, partial)
-            partial.rename(dst)
+        copy_if_missing(source / src_name, out / "models" / name)
 
 
 def run_grid(args: argparse.Namespace) -> None:
