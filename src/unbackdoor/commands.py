@@ -31,7 +31,7 @@ from unbackdoor.defenses.base import PurifyInputs
 from unbackdoor.detect.command import training_rows
 from unbackdoor.errors import ConfigError, DataError, ModelError, UnbackdoorError
 from unbackdoor.evaluate import EvalResult, markdown_table
-from unbackdoor.models.loading import check_same_architecture, load_classifier
+from unbackdoor.models.loading import Classifier, check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
 from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
 from unbackdoor.pipeline import (
@@ -71,6 +71,8 @@ class AttackCommand(StrictConfig):
     model: str | None = Field(None, description="weight attacks: the starting model (default: all-MiniLM-L6-v2)")
     seed: int = Field(0, description="weight attacks: seed of the model side (new head, batch order, dropout)")
     max_length: int | None = Field(None, ge=8, le=4096, description="weight attacks: tokens per input")
+    max_train: int | None = Field(None, ge=2, description="weight attacks: the attacker trains on this seeded "
+                                  "subsample of the clean training rows (seed: the model-side seed)")
     allow_pickle: bool = False
     overwrite: bool = False
 
@@ -106,7 +108,7 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     attack = build_weight_attack(cmd.attack, cmd.params)  # fail before loading anything
     out = check_output_free(cmd.out, cmd.overwrite)
     victim_out = check_output_free(cmd.victim_out, cmd.overwrite)
-    task = load_task(cmd.data)
+    task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
         clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
                                             allow_pickle=cmd.allow_pickle, work_dir=model_work / WORK_SUBDIR)
@@ -383,14 +385,21 @@ class EvalCommand(StrictConfig):
     overwrite: bool = False
 
 
+def evaluate_model(model: str | Path, data: str, *, allow_pickle: bool = False,
+                   max_length: int | None = None) -> tuple[Classifier, EvalResult]:
+    """Load a model folder and evaluate it on clean or poisoned ``data`` (CACC; ASR and robust
+    accuracy when poisoned): the core of ``unbackdoor eval``."""
+    task = load_any(data)
+    num_labels = (task.clean if isinstance(task, PoisonedTask) else task).num_labels
+    clf = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle, max_length=max_length)
+    return clf, evaluate_on(clf, task, name=str(model))
+
+
 def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
     out = Path(cmd.out) if cmd.out else None
     if out is not None and out.exists() and (out.is_dir() or not cmd.overwrite):
         raise UnbackdoorError(f"{out}: already exists; choose another --out or pass --overwrite")
-    data = load_any(cmd.data)
-    num_labels = (data.clean if isinstance(data, PoisonedTask) else data).num_labels
-    clf = load_classifier(cmd.model, num_labels=num_labels, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
-    result = evaluate_on(clf, data, name=cmd.model)
+    clf, result = evaluate_model(cmd.model, cmd.data, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
     table = markdown_table([(cmd.model, result)])
     if out is not None:
         produced_by = {k: clf.provenance.get(k) for k in ("role", "base", "data", "attack", "defense", "seed",

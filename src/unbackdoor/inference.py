@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,9 +48,11 @@ def predict_logits(
     batch_size: int = 128,
     accelerator: Any | None = None,
     features: Sequence[dict[str, list[int]]] | None = None,
+    forward: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Logits for every row, in row order. With an Accelerate ``accelerator`` over several
-    processes, each process predicts a shard and the shards are gathered."""
+    processes, each process predicts a shard and the shards are gathered. ``forward(model,
+    inputs)`` replaces the model's own logits (e.g. a head applied to a lower layer)."""
     model = clf.model
     was_training = model.training
     model.eval()
@@ -61,7 +63,7 @@ def predict_logits(
     mine: list[tuple[int, list[float]]] = []
     for batch in batches[rank::world]:
         inputs = {k: v.to(device) for k, v in collate(clf, [feats[i] for i in batch]).items()}
-        logits = model(**inputs).logits.float().cpu()
+        logits = (model(**inputs).logits if forward is None else forward(model, inputs)).float().cpu()
         mine.extend(zip(batch, logits.tolist(), strict=True))
     if world > 1:
         from accelerate.utils import gather_object

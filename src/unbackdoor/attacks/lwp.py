@@ -40,7 +40,7 @@ from unbackdoor.attacks.base import AttackConfig, InsertionAttack, insert_at_ran
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, WeightAttack, WeightAttackConfig, load_start_model, renamed, seeded
 from unbackdoor.data.types import Example, PoisonedTask, Task
 from unbackdoor.errors import ConfigError
-from unbackdoor.inference import collate, encode
+from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig, victim_train_config
@@ -144,22 +144,13 @@ class LayerwiseLoss(Callback):
         return total.sum() if self.reduction == "sum" else total.mean()
 
 
-@torch.no_grad()
 def layer_predictions(clf: Classifier, examples: list[Example] | tuple[Example, ...], layer: int,
                       batch_size: int = 128) -> list[int]:
     """Labels the shared head predicts from encoder layer ``layer`` (1 = lowest) for each row."""
-    model = clf.model
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    features = encode(clf, examples)
-    preds: list[int] = []
-    for start in range(0, len(features), batch_size):
-        batch = {k: v.to(device) for k, v in collate(clf, features[start:start + batch_size]).items()}
-        hidden = model(**batch, output_hidden_states=True).hidden_states[layer]
-        preds.extend(head_logits(model, hidden).argmax(dim=1).tolist())
-    model.train(was_training)
-    return preds
+    def from_layer(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return head_logits(model, model(**inputs, output_hidden_states=True).hidden_states[layer])
+
+    return predict_logits(clf, examples, batch_size, forward=from_layer).argmax(axis=1).tolist()
 
 
 @WEIGHT_ATTACKS.register("lwp")

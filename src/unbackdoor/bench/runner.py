@@ -17,6 +17,7 @@ store. Only this module and the evaluation read poison flags or triggered sets.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -136,16 +137,9 @@ def _train(run_dir: Path, config: dict[str, Any], data: str, out: Path, defence:
 
 def _evaluate(folder: Path, data: str) -> dict[str, Any]:
     """CACC (and ASR, robust accuracy on poisoned ``data``) of a model folder."""
-    from unbackdoor.commands import _metric_summary
-    from unbackdoor.data.io import load_any
-    from unbackdoor.data.types import PoisonedTask
-    from unbackdoor.models.loading import load_classifier
-    from unbackdoor.pipeline import evaluate_on
+    from unbackdoor.commands import _metric_summary, evaluate_model
 
-    task = load_any(data)
-    num_labels = (task.clean if isinstance(task, PoisonedTask) else task).num_labels
-    clf = load_classifier(folder, num_labels=num_labels)
-    return _metric_summary(evaluate_on(clf, task, name=str(folder)))
+    return _metric_summary(evaluate_model(folder, data)[1])
 
 
 def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -164,29 +158,22 @@ def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
-    """A weight attack: the attacked model and its poisoned task, both written under ``out``."""
-    from unbackdoor.attacks.weight import run_weight_attack
-    from unbackdoor.data.io import load_task, write_poisoned_task
-    from unbackdoor.models.saving import provenance_record, save_classifier
-    from unbackdoor.outputs import atomic_output_dir
-    from unbackdoor.pipeline import subsample_task
+    """A weight attack through ``unbackdoor attack --victim-out``: the poisoned data and the victim,
+    both written under ``out``; the victim's metrics."""
+    from unbackdoor.commands import AttackCommand, run_attack
 
     data, model = out / "data", out / "model"
     if data.exists() and model.exists():
         return _evaluate(model, str(data))
-    attack = config["attack"]
-    task = subsample_task(load_task(config["dataset"]["spec"]), config["max_train"], config["seed"])
-    clf, poisoned = run_weight_attack(attack["attack"], {"seed": config["seed"], **attack["params"]}, task,
-                                      _base(config), seed=config["seed"], max_length=config["max_length"])
     for folder in (data, model):
         if folder.exists():  # one of the two written by an attempt killed in between
             shutil.rmtree(folder)
-    with atomic_output_dir(data) as work:
-        write_poisoned_task(poisoned, work, {"clean": config["dataset"]["spec"]})
-    with atomic_output_dir(model) as work:
-        save_classifier(clf, work, provenance_record(clf, role="victim", attack={"name": attack["attack"],
-                                                                                 "params": attack["params"]}))
-    return _evaluate(model, str(data))
+    attack, seed = config["attack"], config["seed"]
+    run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"],
+                             params={"seed": seed, **attack["params"]}, out=str(data), victim_out=str(model),
+                             model=_base(config), seed=seed, max_length=config["max_length"],
+                             max_train=config["max_train"]))
+    return json.loads((model / "unbackdoor.json").read_text(encoding="utf-8"))["metrics"]
 
 
 def run_floor_model(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
