@@ -182,6 +182,15 @@ def _fmt(m: dict, key: str) -> str:
     return f"{100 * m[key]:.1f}" if m.get(key) is not None else "—"
 
 
+def _lean(m: dict, target: int) -> str:
+    """Binary task: the share of clean non-target test rows predicted as the target (the model's own
+    lean, which a near-chance model's ASR includes), from the per-class accuracy when recorded."""
+    per_class = m.get("per_class_accuracy")
+    if not per_class or len(per_class) != 2 or per_class[1 - target] is None:
+        return "—"
+    return f"{100 * (1 - per_class[1 - target]):.1f}"
+
+
 def write_report(args: argparse.Namespace) -> None:
     out = Path(args.out)
     lines = ["# Unlearning and TSBD on MiniLM victims", "",
@@ -189,7 +198,9 @@ def write_report(args: argparse.Namespace) -> None:
              "`... report`; every cell is one `unbackdoor` call, listed at the end. Forget sets (oracle, the unlearn "
              f"situation's premise): a seeded 10 / 50 / 100 % of the truly poisoned training rows, as trained. Retain "
              f"set: {100 * RETAIN_FRACTION:.0f} % of the clean train split (seed 0). TSBD: 1 % / 5 % clean data, "
-             "no forget set. CACC on the clean test split; ASR on the triggered non-target test set; RA (robust "
+             "no forget set. CACC on the clean test split; ASR on the triggered non-target test set; clean → target = "
+             "the share of *clean* non-target test rows predicted as the target (the model's own lean, part of a "
+             "near-chance model's ASR; — where the record predates it); RA (robust "
              "accuracy) = accuracy on those triggered rows w.r.t. their true labels. Times: two cells at a time, one "
              "torch thread each, on a shared 2-core machine (indicative).", ""]
     notes = Path(__file__).with_name("unlearn_notes.md")
@@ -199,14 +210,16 @@ def write_report(args: argparse.Namespace) -> None:
         vic = _metrics(out / "evals" / f"{name}.json")
         if vic is None:
             continue
+        target = _victim_task(v).target_label
         lines += [f"## {name} (`{v.data if not v.data.startswith(str(out)) else 'unbackdoor attack --attack badnets'}`)",
-                  "", "| method | forget / clean | CACC % | ASR % | RA % | stopped at | s | peak MB |",
-                  "|---|---:|---:|---:|---:|---|---:|---:|",
-                  f"| victim | — | {_fmt(vic, 'cacc')} | {_fmt(vic, 'asr')} | {_fmt(vic, 'robust_accuracy')} | | | |"]
+                  "", "| method | forget / clean | CACC % | ASR % | clean → target % | RA % | stopped at | s | peak MB |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|---:|",
+                  f"| victim | — | {_fmt(vic, 'cacc')} | {_fmt(vic, 'asr')} | {_lean(vic, target)} | "
+                  f"{_fmt(vic, 'robust_accuracy')} | | | |"]
         floor = _metrics(out / "evals" / f"floor-{name}.json")
         if floor is not None:
             lines.append(f"| never-poisoned (floor) | — | {_fmt(floor, 'cacc')} | {_fmt(floor, 'asr')} | "
-                         f"{_fmt(floor, 'robust_accuracy')} | | | |")
+                         f"{_lean(floor, target)} | {_fmt(floor, 'robust_accuracy')} | | | |")
         for folder in sorted((out / "unlearned").glob(f"{name}-*")):
             if folder.name.startswith("."):
                 continue
@@ -219,7 +232,9 @@ def write_report(args: argparse.Namespace) -> None:
             method = rep["method"] + (" (experimental)" if rep.get("experimental") else "")
             if "-benign" in folder.name:
                 size += f" ({rec['n_forget'] // 2} poisoned + as many clean)"
-            lines.append(f"| {method} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
+            # records written before unlearn kept per-class accuracy: a clean-only ``unbackdoor eval`` of the model
+            lean = _lean({**(_metrics(out / "evals" / f"clean-{folder.name}.json") or {}), **m}, target)
+            lines.append(f"| {method} | {size} | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | {lean} | "
                          f"{_fmt(m, 'robust_accuracy')} | {stop} | {rec['wall_time_s']:.0f} | "
                          f"{rec['peak_memory_mb']:.0f} |")
         for fraction in TSBD_FRACTIONS:
@@ -229,7 +244,7 @@ def write_report(args: argparse.Namespace) -> None:
                 continue
             rec = record(out / "purified" / label)
             lines.append(f"| tsbd | {rec.get('n_clean', '?')} clean | {_fmt(m, 'cacc')} | {_fmt(m, 'asr')} | "
-                         f"{_fmt(m, 'robust_accuracy')} | | {rec.get('wall_time_s', float('nan')):.0f} | "
+                         f"{_lean(m, target)} | {_fmt(m, 'robust_accuracy')} | | {rec.get('wall_time_s', float('nan')):.0f} | "
                          f"{rec.get('peak_memory_mb', float('nan')):.0f} |")
         lines.append("")
     lines += ["## Commands of the cells", "", "```", *{r["cell"]: r["command"] for r in wall_times(out)}.values(), "```", ""]

@@ -212,3 +212,40 @@ def test_run_dir_of_another_config_is_refused_but_a_grown_grid_is_not(tmp_path: 
     with pytest.raises(ConfigError, match="another config"):
         prepare(write_grid(tmp_path / "d.yaml", *inputs, defences=DEFENCES[:2], seeds=[0, 1],
                            train={"epochs": 1}), tmp_path / "run")  # changed
+
+
+def test_a_seed_slice_runs_its_cells_only_and_a_carried_store_rebuilds_missing_models(
+        tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """``--seed`` runs one seed's cells; the store alone (models left behind) carries to a new run dir,
+    where the next slice runs and a finished victim that a new cell needs is trained again, seeded,
+    to the same numbers."""
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:1])
+    with pytest.raises(ConfigError, match="--seed 5: not among the config's seeds"):
+        prepare(config, tmp_path / "run", seeds=[5])
+    assert run_bench(config, tmp_path / "run", seeds=[0]) == {"done": 4}
+    store = Store(tmp_path / "run")
+    assert store.counts() == {"done": 4, "pending": 4}
+    assert {c["seed"] for c in store.cells("done")} == {0}
+
+    carried = tmp_path / "carried"
+    carried.mkdir()
+    (carried / "results.sqlite").write_bytes((tmp_path / "run" / "results.sqlite").read_bytes())
+    assert run_bench(config, carried, seeds=[1]) == {"done": 4}  # seed 0's models are not needed
+    assert all(v == ["done"] for v in _attempts_by_cell(Store(carried)).values())
+
+    grown = write_grid(tmp_path / "grown.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:2])
+    assert run_bench(grown, carried, seeds=[0]) == {"done": 5}
+    cells = {c["id"]: c for c in Store(carried).cells()}
+    attempts = _attempts_by_cell(Store(carried))
+    victim = "syn/badnets/s0/none"
+    assert attempts[victim] == ["done", "done"]  # its model was gone and the new defence reads it
+    assert attempts["syn/s0/floor-model"] == ["done"]  # no pending cell needs it
+    assert cells[f"syn/badnets/s0/{DEFENCES[1]['name']}"]["status"] == "done"
+    before = {c["id"]: c for c in store.cells()}[victim]
+    assert (cells[victim]["cacc"], cells[victim]["asr"]) == (before["cacc"], before["asr"])
+
+
+def test_cli_seed_outside_the_grid_exits_2(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
+    config = write_grid(tmp_path / "grid.yaml", *inputs)
+    code, _, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run"), "--seed", "7"], capsys)
+    assert code == 2 and "--seed 7: not among the config's seeds (0)" in err

@@ -357,7 +357,9 @@ def test_unlearn_command_writes_the_model_with_its_record(planted, tmp_path: Pat
     assert metrics["asr"] <= 0.1 and metrics["robust_accuracy"] == pytest.approx(1 - metrics["asr"])
     assert metrics["cacc"] >= 0.9
     reloaded = load_classifier(out)
-    assert evaluate_classifier(reloaded, planted.task.test).cacc == pytest.approx(metrics["cacc"])
+    again = evaluate_classifier(reloaded, planted.task.test)
+    assert again.cacc == pytest.approx(metrics["cacc"])
+    assert metrics["per_class_accuracy"] == pytest.approx(again.per_class_accuracy)  # the model's lean, recorded
 
 
 @pytest.mark.parametrize(("extra", "message"), [

@@ -398,12 +398,14 @@ def bench_cmd(
     run_dir: Annotated[Optional[str], typer.Option(help="run folder (default runs/bench/NAME); a rerun resumes it")] = None,
     workers: Annotated[int, typer.Option(help="worker processes (one torch thread each when more than one)")] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run failed cells again")] = False,
+    seed: Annotated[Optional[list[int]], typer.Option(
+        "--seed", help="run only this seed's cells (repeatable); the other seeds stay pending for a later run")] = None,
 ) -> None:
     """Run a benchmark grid as independent cells into RUN_DIR/results.sqlite; finished cells are skipped,
     interrupted ones resumed, failed ones recorded (exit status 1 when any failed)."""
     from unbackdoor.bench.runner import run_bench
 
-    counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed)
+    counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None)
     typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
     if counts.get("failed"):
         sys.exit(1)

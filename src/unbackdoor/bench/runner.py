@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -317,15 +317,16 @@ def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> b
 
 
 # ----------------------------------------------------------------------------- workers
-def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None) -> int:
-    """One worker: claim and run cells until none is left to claim and none is running. Returns
-    the number of cells this worker ran; ``on_cell()`` is called after each."""
+def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None,
+         seeds: Sequence[int] | None = None) -> int:
+    """One worker: claim and run cells (of ``seeds``, if given) until none is left to claim and none
+    is running. Returns the number of cells this worker ran; ``on_cell()`` is called after each."""
     run_dir = Path(run_dir)
     store = Store(run_dir)
     commit = git_commit()
     ran = 0
     while True:
-        cell = store.claim()
+        cell = store.claim(seeds=seeds)
         if cell is None:
             if store.counts().get("running", 0) == 0:
                 return ran
@@ -338,12 +339,13 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
             on_cell()
 
 
-def worker_command(run_dir: Path) -> list[str]:
+def worker_command(run_dir: Path, seeds: Sequence[int] | None = None) -> list[str]:
     """The command line of one worker process."""
-    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir)]
+    seed_args = ["--seeds", ",".join(map(str, seeds))] if seeds is not None else []
+    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *seed_args]
 
 
-def spawn_workers(run_dir: Path, n: int) -> list[subprocess.Popen]:
+def spawn_workers(run_dir: Path, n: int, seeds: Sequence[int] | None = None) -> list[subprocess.Popen]:
     """``n`` worker processes, one torch thread each; with several GPUs, worker i sees GPU i mod #GPUs."""
     import torch
 
@@ -353,29 +355,35 @@ def spawn_workers(run_dir: Path, n: int) -> list[subprocess.Popen]:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        procs.append(subprocess.Popen(worker_command(run_dir), env=env))
+        procs.append(subprocess.Popen(worker_command(run_dir, seeds), env=env))
     return procs
 
 
-def _progress(store: Store) -> Any:
+def _progress(store: Store, seeds: Sequence[int] | None) -> Any:
     from tqdm import tqdm
 
-    counts = store.counts()
+    counts = store.counts(seeds)
     finished = counts.get("done", 0) + counts.get("failed", 0)
     return tqdm(total=sum(counts.values()), initial=finished, desc="cells", unit="cell", file=sys.stderr,
                 dynamic_ncols=True)
 
 
-def _refresh(bar: Any, store: Store) -> None:
-    counts = store.counts()
+def _refresh(bar: Any, store: Store, seeds: Sequence[int] | None) -> None:
+    counts = store.counts(seeds)
     bar.n = counts.get("done", 0) + counts.get("failed", 0)
     bar.set_postfix(failed=counts.get("failed", 0), running=counts.get("running", 0), refresh=False)
     bar.refresh()
 
 
-def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: bool = False) -> tuple[Path, Store]:
-    """Validate the config, create or reopen the run dir's store, add the grid's cells."""
+def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: bool = False,
+            seeds: Sequence[int] | None = None) -> tuple[Path, Store]:
+    """Validate the config (and the seed slice), create or reopen the run dir's store, add the grid's
+    cells, re-queue failed cells if asked, dead workers' cells and finished cells whose models are gone."""
     config = load_bench_config(config_path)
+    unknown = sorted(set(seeds or ()) - set(config.seeds))
+    if unknown:
+        raise ConfigError(f"--seed {', '.join(map(str, unknown))}: not among the config's seeds "
+                          f"({', '.join(map(str, config.seeds))})")
     run = Path(run_dir) if run_dir is not None else Path("runs") / "bench" / config.name
     cells = expand(config)
     store = Store(run)
@@ -389,35 +397,56 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if retry_failed:
         logger.info("re-queued %d failed cells", store.retry_failed())
     store.reset_dead_workers()
+    lost = requeue_lost_models(run, store)
+    if lost:
+        logger.warning("%d finished cells whose model folder is gone are run again: %s", len(lost), ", ".join(lost))
     return run, store
 
 
+def requeue_lost_models(run: Path, store: Store) -> list[str]:
+    """Finished victim and floor-model cells whose model folder is gone while a pending cell reads it
+    (a store carried to another machine without its models, say) go back to pending; their ids.
+    Training is seeded, so the rerun rebuilds the same model on the same kind of machine."""
+    cells = store.cells()
+    needed = {dep for c in cells if c["status"] == "pending" for dep in c["after"]}
+    lost = [c["id"] for c in cells if c["status"] == "done" and c["kind"] in ("victim", "floor-model")
+            and c["id"] in needed and not (model_dir(run, c["id"]) / "model").exists()]
+    store.requeue(lost)
+    return lost
+
+
 def run_bench(config_path: str | Path, run_dir: str | Path | None = None, workers: int = 1,
-              retry_failed: bool = False, poll_s: float = 2.0) -> dict[str, int]:
-    """Run (or resume) a grid; return the cell counts by status. Results: RUN_DIR/results.sqlite
-    (+ results.json)."""
+              retry_failed: bool = False, poll_s: float = 2.0, seeds: Sequence[int] | None = None) -> dict[str, int]:
+    """Run (or resume) a grid, or only the cells of ``seeds`` (a slice: the other seeds' cells stay
+    pending in the store, for a later run); return the slice's cell counts by status. Results:
+    RUN_DIR/results.sqlite (+ results.json)."""
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    run, store = prepare(config_path, run_dir, retry_failed)
-    bar = _progress(store)
+    run, store = prepare(config_path, run_dir, retry_failed, seeds)
+    bar = _progress(store, seeds)
     try:
         if workers == 1:
-            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store))
+            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, seeds), seeds=seeds)
         else:
-            procs = spawn_workers(run, workers)
+            procs = spawn_workers(run, workers, seeds)
             while any(p.poll() is None for p in procs):
-                _refresh(bar, store)
+                _refresh(bar, store, seeds)
                 time.sleep(poll_s)
-        _refresh(bar, store)
+        _refresh(bar, store, seeds)
     finally:
         bar.close()
     export_json(store, run / RESULTS_JSON)
-    return store.counts()
+    return store.counts(seeds)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """A worker process: ``python -m unbackdoor.bench.runner RUN_DIR``."""
-    args = sys.argv[1:] if argv is None else argv
+    """A worker process: ``python -m unbackdoor.bench.runner RUN_DIR [--seeds 0,1]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="unbackdoor.bench.runner")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None)
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
 
@@ -427,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(1)
-    work(Path(args[0]))
+    work(args.run_dir, seeds=args.seeds)
 
 
 if __name__ == "__main__":  # pragma: no cover

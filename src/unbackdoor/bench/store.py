@@ -13,7 +13,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,20 +144,29 @@ class Store:
             row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return json.loads(row["value"]) if row is not None else None
 
+    def requeue(self, ids: Sequence[str]) -> None:
+        """Put finished cells back to pending (their outputs are gone); their metrics are replaced
+        when they finish again."""
+        with self._transaction() as con:
+            con.executemany("UPDATE cells SET status = 'pending', error = NULL WHERE id = ?", [(i,) for i in ids])
+
     def retry_failed(self) -> int:
         """Re-queue failed cells; return how many."""
         with self._transaction() as con:
             return con.execute("UPDATE cells SET status = 'pending', error = NULL WHERE status = 'failed'").rowcount
 
     # ------------------------------------------------------------------ claiming
-    def claim(self, pid: int | None = None) -> Claimed | None:
-        """Take the first pending cell whose dependencies are done (one write transaction), or None."""
+    def claim(self, pid: int | None = None, seeds: Collection[int] | None = None) -> Claimed | None:
+        """Take the first pending cell (of ``seeds``, if given) whose dependencies are done (one write
+        transaction), or None."""
         pid = os.getpid() if pid is None else pid
         with self._transaction() as con:
             self._reset_dead(con)
             status = {r["id"]: r["status"] for r in con.execute("SELECT id, status FROM cells")}
-            for row in con.execute("SELECT id, kind, after, config, attempts FROM cells WHERE status = 'pending' "
+            for row in con.execute("SELECT id, kind, after, config, attempts, seed FROM cells WHERE status = 'pending' "
                                    "ORDER BY position").fetchall():
+                if seeds is not None and row["seed"] not in seeds:
+                    continue
                 after = json.loads(row["after"])
                 failed = [a for a in after if status.get(a) == "failed"]
                 if failed:
@@ -210,10 +219,15 @@ class Store:
             con.execute("UPDATE attempts SET outcome = ?, finished_at = ? WHERE cell_id = ? AND attempt = ?",
                         (status, now, cell.id, cell.attempt))
 
-    def counts(self) -> dict[str, int]:
-        """Number of cells per status."""
+    def counts(self, seeds: Collection[int] | None = None) -> dict[str, int]:
+        """Number of cells per status (of ``seeds``, if given)."""
         with self._connect() as con:
-            return {r["status"]: r["n"] for r in con.execute("SELECT status, COUNT(*) AS n FROM cells GROUP BY status")}
+            rows = con.execute("SELECT status, seed FROM cells").fetchall()
+        counts: dict[str, int] = {}
+        for r in rows:
+            if seeds is None or r["seed"] in seeds:
+                counts[r["status"]] = counts.get(r["status"], 0) + 1
+        return counts
 
     def cells(self, status: str | None = None) -> list[dict[str, Any]]:
         """Every cell (or those with ``status``) as a dict, JSON columns decoded, in grid order."""
