@@ -163,10 +163,9 @@ class Store:
         with self._transaction() as con:
             self._reset_dead(con)
             status = {r["id"]: r["status"] for r in con.execute("SELECT id, status FROM cells")}
-            for row in con.execute("SELECT id, kind, after, config, attempts, seed FROM cells WHERE status = 'pending' "
-                                   "ORDER BY position").fetchall():
-                if seeds is not None and row["seed"] not in seeds:
-                    continue
+            where, params = _seed_filter(seeds)
+            for row in con.execute(f"SELECT id, kind, after, config, attempts FROM cells WHERE status = 'pending'{where} "
+                                   "ORDER BY position", params).fetchall():
                 after = json.loads(row["after"])
                 failed = [a for a in after if status.get(a) == "failed"]
                 if failed:
@@ -221,13 +220,10 @@ class Store:
 
     def counts(self, seeds: Collection[int] | None = None) -> dict[str, int]:
         """Number of cells per status (of ``seeds``, if given)."""
+        where, params = _seed_filter(seeds)
         with self._connect() as con:
-            rows = con.execute("SELECT status, seed FROM cells").fetchall()
-        counts: dict[str, int] = {}
-        for r in rows:
-            if seeds is None or r["seed"] in seeds:
-                counts[r["status"]] = counts.get(r["status"], 0) + 1
-        return counts
+            return {r["status"]: r["n"] for r in con.execute(
+                f"SELECT status, COUNT(*) AS n FROM cells WHERE 1{where} GROUP BY status", params)}
 
     def cells(self, status: str | None = None) -> list[dict[str, Any]]:
         """Every cell (or those with ``status``) as a dict, JSON columns decoded, in grid order."""
@@ -239,6 +235,14 @@ class Store:
     def attempts(self) -> list[dict[str, Any]]:
         with self._connect() as con:
             return [dict(r) for r in con.execute("SELECT * FROM attempts ORDER BY started_at").fetchall()]
+
+
+def _seed_filter(seeds: Collection[int] | None) -> tuple[str, tuple[int, ...]]:
+    """An ``AND seed IN (...)`` clause and its parameters, or nothing for every seed."""
+    if seeds is None:
+        return "", ()
+    seeds = tuple(seeds)
+    return f" AND seed IN ({', '.join('?' * len(seeds))})", seeds
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
