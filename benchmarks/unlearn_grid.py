@@ -183,12 +183,12 @@ def _fmt(m: dict, key: str) -> str:
 
 
 def _lean(m: dict, target: int) -> str:
-    """Binary task: the share of clean non-target test rows predicted as the target (the model's own
-    lean, which a near-chance model's ASR includes), from the per-class accuracy when recorded."""
-    per_class = m.get("per_class_accuracy")
-    if not per_class or len(per_class) != 2 or per_class[1 - target] is None:
-        return "—"
-    return f"{100 * (1 - per_class[1 - target]):.1f}"
+    """The share of clean non-target test rows predicted as the target (the model's own lean, which a
+    near-chance model's ASR includes), when the record allows it."""
+    from unbackdoor.evaluate import recorded_clean_to_target
+
+    lean = recorded_clean_to_target(m, target)
+    return "—" if lean is None else f"{100 * lean:.1f}"
 
 
 def write_report(args: argparse.Namespace) -> None:

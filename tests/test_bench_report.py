@@ -51,9 +51,10 @@ def _expected(run_dir: Path) -> dict[tuple[str, str, str], dict[str, list[float]
     for c in Store(run_dir).cells(status="done"):
         if c["kind"] == "floor-model":
             continue
-        g = groups.setdefault((c["dataset"], c["attack"], c["defence"]), {"cacc": [], "asr": []})
+        g = groups.setdefault((c["dataset"], c["attack"], c["defence"]), {"cacc": [], "asr": [], "clean_to_target": []})
         g["cacc"].append(c["cacc"])
         g["asr"].append(c["asr"])
+        g["clean_to_target"].append(c["metrics"]["clean_to_target"])
     return groups
 
 
@@ -70,6 +71,7 @@ def test_summary_csv_matches_the_store(run_dir: Path, report: Path) -> None:
             assert float(r[f"{metric}_std"]) == pytest.approx(statistics.stdev(exp[metric]))
         floor = expected[(r["dataset"], r["attack"], "floor")]["asr"]
         assert float(r["floor_asr_mean"]) == pytest.approx(statistics.fmean(floor))
+        assert float(r["clean_to_target_mean"]) == pytest.approx(statistics.fmean(exp["clean_to_target"]))
     with (report / "cells.csv").open(encoding="utf-8") as fh:
         assert len(list(csv.DictReader(fh))) == len(Store(run_dir).cells())
 
@@ -112,16 +114,19 @@ def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
               ("floor", 1): (0.91, 0.06), ("ft", 0): (0.88, 0.10), ("ft", 1): (0.86, 0.30)}
     store.add_cells([CellSpec(f"d/a/s{s}/{d}", {"none": "victim", "floor": "floor"}.get(d, "purify"), "d", "a", d, s, {})
                      for d, s in values])
+    # the lean: recorded (ft s0, which also records the target), derived from the per-class accuracy of
+    # the non-target class 0 with the target borrowed from that sibling (ft s1), or unknown (the rest)
+    lean = {("ft", 0): {"clean_to_target": 0.2, "target_label": 1}, ("ft", 1): {"per_class_accuracy": [0.7, 0.9]}}
     while (cell := store.claim()) is not None:
         defence, seed = cell.id.split("/")[3], int(cell.id.split("/")[2][1:])
         cacc, asr = values[(defence, seed)]
-        store.finish(cell, metrics={"cacc": cacc, "asr": asr}, error=None, wall_s=1.0, peak_memory_mb=1.0,
-                     peak_memory_scope="cell", version="t", git_commit=None)
+        store.finish(cell, metrics={"cacc": cacc, "asr": asr, **lean.get((defence, seed), {})}, error=None, wall_s=1.0,
+                     peak_memory_mb=1.0, peak_memory_scope="cell", version="t", git_commit=None)
     write_report(tmp_path, tmp_path / "out")
     md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
-    assert "| a | floor (never poisoned) | 91.0 ± 0.0 | 5.0 ± 1.4 | 5.0 ± 1.4 | — | 2 |" in md
-    assert "| a | none (victim) | 91.0 ± 1.4 | 99.0 ± 1.4 | 5.0 ± 1.4 | — | 2 |" in md
-    assert "| a | ft | 87.0 ± 1.4 | 20.0 ± 14.1 | 5.0 ± 1.4 | — | 2 |" in md
+    assert "| a | floor (never poisoned) | 91.0 ± 0.0 | 5.0 ± 1.4 | — | 5.0 ± 1.4 | — | 2 |" in md
+    assert "| a | none (victim) | 91.0 ± 1.4 | 99.0 ± 1.4 | — | 5.0 ± 1.4 | — | 2 |" in md
+    assert "| a | ft | 87.0 ± 1.4 | 20.0 ± 14.1 | 25.0 ± 7.1 | 5.0 ± 1.4 | — | 2 |" in md
     assert md.index("floor (never poisoned)") < md.index("none (victim)") < md.index("| a | ft |")
 
 

@@ -8,10 +8,12 @@ from unbackdoor.evaluate import (
     EvalResult,
     accuracy,
     attack_success_rate,
+    clean_to_target,
     defence_effectiveness_rating,
     macro_f1,
     markdown_table,
     per_class_accuracy,
+    recorded_clean_to_target,
     robust_accuracy,
 )
 
@@ -36,6 +38,18 @@ def test_asr_and_robust_accuracy() -> None:
     assert attack_success_rate(preds, target_label=1) == 0.5
     assert robust_accuracy(preds, [0, 2, 0, 2]) == 0.5
     assert robust_accuracy(preds, [None, None, None, None]) is None
+
+
+def test_clean_to_target_counts_clean_non_target_rows_predicted_as_the_target() -> None:
+    y, p = [0, 0, 0, 2, 1, 1], [1, 0, 1, 1, 1, 0]  # non-target rows 0, 0, 0, 2 -> 1, 0, 1, 1
+    assert clean_to_target(y, p, target_label=1) == 0.75
+    assert clean_to_target([1, 1], [0, 1], target_label=1) is None
+    # records: kept as measured; older binary records from the non-target class's accuracy
+    assert recorded_clean_to_target({"clean_to_target": 0.3, "per_class_accuracy": [0.1, 0.9]}) == 0.3
+    assert recorded_clean_to_target({"per_class_accuracy": [0.8, 0.6], "target_label": 0}) == pytest.approx(0.4)
+    assert recorded_clean_to_target({"per_class_accuracy": [0.8, 0.6]}, target_label=1) == pytest.approx(0.2)
+    assert recorded_clean_to_target({"per_class_accuracy": [0.8, 0.6]}) is None  # target unknown
+    assert recorded_clean_to_target({"per_class_accuracy": [0.8, 0.6, 0.5]}, target_label=1) is None
 
 
 def test_der_follows_the_docstring_formula() -> None:

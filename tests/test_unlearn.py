@@ -359,7 +359,10 @@ def test_unlearn_command_writes_the_model_with_its_record(planted, tmp_path: Pat
     reloaded = load_classifier(out)
     again = evaluate_classifier(reloaded, planted.task.test)
     assert again.cacc == pytest.approx(metrics["cacc"])
-    assert metrics["per_class_accuracy"] == pytest.approx(again.per_class_accuracy)  # the model's lean, recorded
+    assert metrics["per_class_accuracy"] == pytest.approx(again.per_class_accuracy)
+    # the model's own lean toward the target, on clean rows of the other class (a binary task)
+    target = metrics["target_label"]
+    assert metrics["clean_to_target"] == pytest.approx(1 - again.per_class_accuracy[1 - target])
 
 
 @pytest.mark.parametrize(("extra", "message"), [

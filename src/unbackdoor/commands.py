@@ -183,7 +183,8 @@ def _attack_summary(data: Task | PoisonedTask) -> dict[str, Any] | None:
 
 
 def _metric_summary(result: EvalResult) -> dict[str, Any]:
-    keys = ("cacc", "macro_f1", "per_class_accuracy", "asr", "robust_accuracy", "n_clean", "n_triggered")
+    keys = ("cacc", "macro_f1", "per_class_accuracy", "asr", "robust_accuracy", "clean_to_target", "target_label",
+            "n_clean", "n_triggered")
     return {k: getattr(result, k) for k in keys if getattr(result, k) is not None}
 
 

@@ -56,6 +56,26 @@ def attack_success_rate(y_pred: Sequence[int], target_label: int) -> float:
     return float((p == target_label).mean())
 
 
+def clean_to_target(y_true: Sequence[int], y_pred: Sequence[int], target_label: int) -> float | None:
+    """Share of *clean* rows whose true label is not the target that are predicted as the target:
+    the model's own lean, which its ASR includes (None when every row is of the target class)."""
+    t, p = np.asarray(y_true), np.asarray(y_pred)
+    other = t != target_label
+    return float((p[other] == target_label).mean()) if other.any() else None
+
+
+def recorded_clean_to_target(metrics: dict[str, Any], target_label: int | None = None) -> float | None:
+    """``clean_to_target`` of a metrics record; for a record written before it was kept, derived on a
+    binary task from the per-class accuracy and the target (the record's own, else ``target_label``)."""
+    if metrics.get("clean_to_target") is not None:
+        return float(metrics["clean_to_target"])
+    target = metrics.get("target_label", target_label)
+    per_class = metrics.get("per_class_accuracy")
+    if target not in (0, 1) or not per_class or len(per_class) != 2 or per_class[1 - target] is None:
+        return None
+    return 1.0 - per_class[1 - target]
+
+
 def robust_accuracy(y_pred: Sequence[int], original_labels: Sequence[int | None]) -> float | None:
     """Accuracy on triggered inputs w.r.t. their true labels (None if those are unknown)."""
     known = [(p, y) for p, y in zip(y_pred, original_labels, strict=True) if y is not None]
@@ -81,6 +101,8 @@ class EvalResult:
     asr: float | None = None
     robust_accuracy: float | None = None
     n_triggered: int | None = None
+    target_label: int | None = None
+    clean_to_target: float | None = None
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -116,6 +138,8 @@ def evaluate_classifier(
         result.asr = attack_success_rate(tpreds, triggered.target_label)
         result.robust_accuracy = robust_accuracy(tpreds.tolist(), triggered.original_labels)
         result.n_triggered = len(triggered)
+        result.target_label = triggered.target_label
+        result.clean_to_target = clean_to_target(clean_test.labels, preds, triggered.target_label)
     result.wall_time_s = watch.elapsed()
     result.peak_memory_mb = peak_memory_mb()
     return result

@@ -21,9 +21,11 @@ from typing import Any
 
 from unbackdoor.bench.store import METRICS, STORE_FILE, Store
 from unbackdoor.errors import UnbackdoorError
+from unbackdoor.evaluate import recorded_clean_to_target
 from unbackdoor.outputs import atomic_output_dir, write_json
 
 VICTIM, FLOOR = "none", "floor"
+TABLE_HEAD = ("attack", "defence", "CACC %", "ASR %", "clean → target %", "floor ASR %", "RA %", "n")
 CELL_COLUMNS = ("id", "kind", "dataset", "attack", "defence", "seed", "status", "attempts", "cacc", "asr",
                 "robust_accuracy", "macro_f1", "wall_s", "peak_memory_mb", "version", "git_commit", "error")
 
@@ -60,6 +62,7 @@ class Row:
     stats: dict[str, Stat]
     wall_s: Stat
     floor_asr: Stat
+    lean: Stat  # clean → target: the share of clean non-target test rows predicted as the target
 
     @property
     def n(self) -> int:
@@ -80,13 +83,27 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[Row]:
     rank = {FLOOR: 0, VICTIM: 1}
     order = sorted(groups, key=lambda k: (_first(cells, k[0], "dataset"), _first(cells, k[1], "attack"),
                                           rank.get(k[2], 2), _first(cells, k[2], "defence")))
+    targets = attack_targets(cells)
     rows = []
     for key in order:
         group = groups[key]
         floor = groups.get((key[0], key[1], FLOOR), [])
+        target = targets.get(key[:2])
         rows.append(Row(*key, stats={m: Stat.of([c[m] for c in group]) for m in METRICS},
-                        wall_s=Stat.of([c["wall_s"] for c in group]), floor_asr=Stat.of([c["asr"] for c in floor])))
+                        wall_s=Stat.of([c["wall_s"] for c in group]), floor_asr=Stat.of([c["asr"] for c in floor]),
+                        lean=Stat.of([recorded_clean_to_target(c["metrics"] or {}, target) for c in group])))
     return rows
+
+
+def attack_targets(cells: Sequence[dict[str, Any]]) -> dict[tuple[str, str], int]:
+    """Each (dataset, attack)'s target label, as any of its cells' metrics recorded it (cells finished
+    before the target was kept borrow it from a sibling; it is the attack's, the same in every cell)."""
+    targets: dict[tuple[str, str], int] = {}
+    for c in cells:
+        target = (c.get("metrics") or {}).get("target_label")
+        if target is not None:
+            targets.setdefault((c["dataset"], c["attack"]), int(target))
+    return targets
 
 
 def _first(cells: Sequence[dict[str, Any]], value: str, column: str) -> int:
@@ -95,12 +112,16 @@ def _first(cells: Sequence[dict[str, Any]], value: str, column: str) -> int:
 
 # ----------------------------------------------------------------------------- tables
 def markdown_table(rows: Sequence[Row]) -> str:
-    """attack | defence | CACC | ASR | floor ASR | RA | n (percent, mean ± std over seeds)."""
-    lines = ["| attack | defence | CACC % | ASR % | floor ASR % | RA % | n |", "|---|---|---:|---:|---:|---:|---:|"]
+    """attack | defence | CACC | ASR | clean → target | floor ASR | RA | n (percent, mean ± std over seeds)."""
+    lines = [f"| {' | '.join(TABLE_HEAD)} |", "|---|---|" + "---:|" * (len(TABLE_HEAD) - 2)]
     for r in rows:
-        lines.append(f"| {r.attack} | {defence_label(r.defence)} | {r.stats['cacc'].text()} | {r.stats['asr'].text()} | "
-                     f"{r.floor_asr.text()} | {r.stats['robust_accuracy'].text()} | {r.n} |")
+        lines.append(f"| {r.attack} | {defence_label(r.defence)} | {' | '.join(_table_numbers(r))} |")
     return "\n".join(lines) + "\n"
+
+
+def _table_numbers(r: Row) -> list[str]:
+    return [r.stats["cacc"].text(), r.stats["asr"].text(), r.lean.text(), r.floor_asr.text(),
+            r.stats["robust_accuracy"].text(), str(r.n)]
 
 
 def failed_lines(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -120,11 +141,11 @@ def write_summary_csv(rows: Sequence[Row], path: Path) -> None:
     with path.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["dataset", "attack", "defence", "n", *[f"{m}_{s}" for m in METRICS for s in ("mean", "std")],
-                         "floor_asr_mean", "wall_s_mean"])
+                         "clean_to_target_mean", "clean_to_target_std", "floor_asr_mean", "wall_s_mean"])
         for r in rows:
             values = [v for m in METRICS for v in (r.stats[m].mean, r.stats[m].std)]
-            writer.writerow([r.dataset, r.attack, r.defence, r.n, *map(_num, values), _num(r.floor_asr.mean),
-                             _num(r.wall_s.mean)])
+            writer.writerow([r.dataset, r.attack, r.defence, r.n, *map(_num, values), _num(r.lean.mean),
+                             _num(r.lean.std), _num(r.floor_asr.mean), _num(r.wall_s.mean)])
 
 
 def write_cells_csv(cells: Sequence[dict[str, Any]], path: Path) -> None:
@@ -208,13 +229,11 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f4f4f4}"
 
 
 def html_table(rows: Sequence[Row]) -> str:
-    head = "".join(f"<th>{h}</th>" for h in ("attack", "defence", "CACC %", "ASR %", "floor ASR %", "RA %", "n"))
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEAD)
     body = []
     for r in rows:
         cls = {FLOOR: ' class="floor"', VICTIM: ' class="victim"'}.get(r.defence, "")
-        nums = [r.stats["cacc"].text(), r.stats["asr"].text(), r.floor_asr.text(), r.stats["robust_accuracy"].text(),
-                str(r.n)]
-        cells = "".join(f'<td class="num">{html.escape(v)}</td>' for v in nums)
+        cells = "".join(f'<td class="num">{html.escape(v)}</td>' for v in _table_numbers(r))
         body.append(f"<tr{cls}><td>{html.escape(r.attack)}</td><td>{html.escape(defence_label(r.defence))}</td>"
                     f"{cells}</tr>")
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -260,8 +279,10 @@ def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
     rows = summarise(cells)
     meta = {"versions": ", ".join(sorted({c["version"] for c in cells if c["version"]})) or "?",
             "commits": ", ".join(sorted({(c["git_commit"] or "")[:10] for c in cells if c["git_commit"]})) or "?"}
-    md = [f"# Benchmark: {run.name}", "", "CACC, ASR, floor ASR (never-poisoned model on the same triggered set) and "
-          "robust accuracy in percent, mean ± std over seeds; n = seeds finished.", ""]
+    md = [f"# Benchmark: {run.name}", "", "CACC, ASR, clean → target (the share of *clean* non-target test rows the "
+          "same model already labels as the target: its own lean, which its ASR includes), floor ASR (never-poisoned "
+          "model on the same triggered set) and robust accuracy in percent, mean ± std over seeds; n = seeds "
+          "finished.", ""]
     sections = []
     for dataset in dict.fromkeys(r.dataset for r in rows):
         ds_rows = [r for r in rows if r.dataset == dataset]
