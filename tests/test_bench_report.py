@@ -130,6 +130,30 @@ def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
     assert md.index("floor (never poisoned)") < md.index("none (victim)") < md.index("| a | ft |")
 
 
+def test_grid_time_sums_cells_and_takes_the_union_of_attempt_spans() -> None:
+    from unbackdoor.bench.report import grid_time
+
+    cells = [{"status": "done", "wall_s": 10.0}, {"status": "done", "wall_s": 5.0}, {"status": "failed", "wall_s": 2.0},
+             {"status": "pending", "wall_s": None}]
+    # two workers overlapping 100-115 and 105-130, a lost attempt 130-140, then a gap, a second run 1000-1005
+    attempts = [{"started_at": 100.0, "finished_at": 115.0}, {"started_at": 105.0, "finished_at": 130.0},
+                {"started_at": 130.0, "finished_at": 140.0}, {"started_at": 1000.0, "finished_at": 1005.0},
+                {"started_at": 1006.0, "finished_at": None}]  # still running: not counted
+    took = grid_time(cells, attempts)
+    assert (took.cells_done, took.done_s, took.attempts_s, took.busy_wall_s) == (2, 15.0, 55.0, 45.0)
+
+
+def test_report_records_how_long_the_grid_took(run_dir: Path, report: Path) -> None:
+    from unbackdoor.bench.report import grid_time
+
+    store = Store(run_dir)
+    took = grid_time(store.cells(), store.attempts())
+    assert took.cells_done == 2 * (1 + 2 * 4) and 0 < took.busy_wall_s <= took.attempts_s
+    assert took.done_s == pytest.approx(sum(c["wall_s"] for c in store.cells(status="done")))
+    assert f"Time: {took.text()}." in (report / "report.md").read_text(encoding="utf-8")
+    assert took.text() in (report / "report.html").read_text(encoding="utf-8")
+
+
 # ----------------------------------------------------------------------------- a real browser
 CHECK_SCRIPT = """<script>
 window.addEventListener("load", () => {

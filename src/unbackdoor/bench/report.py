@@ -110,6 +110,36 @@ def _first(cells: Sequence[dict[str, Any]], value: str, column: str) -> int:
     return next(i for i, c in enumerate(cells) if c[column] == value)
 
 
+# ----------------------------------------------------------------------------- time
+@dataclass(frozen=True)
+class GridTime:
+    """How long a grid took, from the store's attempts: the seconds in finished cells, the seconds in
+    every attempt (lost and failed ones too), and the busy wall-clock, i.e. the union of the attempts'
+    spans (time with at least one cell running; gaps between runs or slices are not counted)."""
+
+    cells_done: int
+    done_s: float
+    attempts_s: float
+    busy_wall_s: float
+
+    def text(self) -> str:
+        return (f"{self.cells_done} cells finished in {self.done_s:,.0f} worker-seconds ({self.attempts_s:,.0f} with "
+                f"lost and failed attempts); busy wall-clock {self.busy_wall_s / 3600:.2f} h (time with at least "
+                "one cell running, summed over runs)")
+
+
+def grid_time(cells: Sequence[dict[str, Any]], attempts: Sequence[dict[str, Any]]) -> GridTime:
+    done = [c for c in cells if c["status"] == "done"]
+    spans = sorted((a["started_at"], a["finished_at"]) for a in attempts
+                   if a["started_at"] is not None and a["finished_at"] is not None)
+    busy, end = 0.0, float("-inf")
+    for start, finish in spans:  # the union of the spans
+        if finish > end:
+            busy += finish - max(start, end)
+            end = finish
+    return GridTime(len(done), sum(c["wall_s"] or 0.0 for c in done), sum(f - s for s, f in spans), busy)
+
+
 # ----------------------------------------------------------------------------- tables
 def markdown_table(rows: Sequence[Row]) -> str:
     """attack | defence | CACC | ASR | clean → target | floor ASR | RA | n (percent, mean ± std over seeds)."""
@@ -246,7 +276,7 @@ def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, byt
              f"<style>{CSS}</style></head><body><h1>{html.escape(title)}</h1>",
              f"<p>CACC and ASR in percent, mean ± std over seeds (n = seeds). unbackdoor "
              f"{html.escape(str(meta.get('versions', '')))}, commit <code>{html.escape(str(meta.get('commits', '')))}"
-             f"</code>.</p>"]
+             f"</code>.</p><p>Time: {html.escape(str(meta.get('time', '')))}.</p>"]
     for dataset, rows, images in sections:
         parts.append(f"<h2>{html.escape(dataset)}</h2>{html_table(rows)}")
         for name, png in images.items():
@@ -277,12 +307,15 @@ def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
     store = Store(run)
     cells = store.cells()
     rows = summarise(cells)
+    attempts = store.attempts()
+    took = grid_time(cells, attempts)
     meta = {"versions": ", ".join(sorted({c["version"] for c in cells if c["version"]})) or "?",
-            "commits": ", ".join(sorted({(c["git_commit"] or "")[:10] for c in cells if c["git_commit"]})) or "?"}
+            "commits": ", ".join(sorted({(c["git_commit"] or "")[:10] for c in cells if c["git_commit"]})) or "?",
+            "time": took.text()}
     md = [f"# Benchmark: {run.name}", "", "CACC, ASR, clean → target (the share of *clean* non-target test rows the "
           "same model already labels as the target: its own lean, which its ASR includes), floor ASR (never-poisoned "
           "model on the same triggered set) and robust accuracy in percent, mean ± std over seeds; n = seeds "
-          "finished.", ""]
+          "finished.", "", f"Time: {took.text()}.", ""]
     sections = []
     for dataset in dict.fromkeys(r.dataset for r in rows):
         ds_rows = [r for r in rows if r.dataset == dataset]
@@ -297,6 +330,6 @@ def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
     write_summary_csv(rows, target / "summary.csv")
     write_cells_csv(cells, target / "cells.csv")
     (target / "report.html").write_text(html_page(f"Benchmark: {run.name}", sections, failed, meta), encoding="utf-8")
-    write_json(target / "results.json", {"cells": cells, "attempts": store.attempts()})
+    write_json(target / "results.json", {"cells": cells, "attempts": attempts})
     return {"out": str(final), "rows": len(rows), "cells": len(cells), "failed": len(failed),
             "counts": store.counts()}
