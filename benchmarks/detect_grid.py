@@ -16,7 +16,6 @@ reweight``). Only the oracle forget files and this script's report read the true
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 from collections.abc import Callable
@@ -185,16 +184,9 @@ def pilot_lines(out: Path) -> list[str]:
 def detection_scores(folder: Path, data: str) -> dict[str, float]:
     """Precision, recall and AUROC of a ``detect`` output against the true flags (evaluation only)."""
     from unbackdoor.data import load_poisoned_task
-    from unbackdoor.detect.metrics import auroc
+    from unbackdoor.detect.metrics import scores_file_metrics
 
-    flags = load_poisoned_task(data).flags
-    with (folder / "scores.csv").open(encoding="utf-8", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    truth = [flags.is_poisoned(r["id"]) for r in rows]
-    flagged = [r["flagged"] == "1" for r in rows]
-    hits = sum(t and f for t, f in zip(truth, flagged, strict=True))
-    return {"precision": hits / max(1, sum(flagged)), "recall": hits / max(1, sum(truth)),
-            "auroc": auroc([float(r["score"]) for r in rows], truth), "n_poisoned": sum(truth), "n_rows": len(rows)}
+    return scores_file_metrics(folder / "scores.csv", load_poisoned_task(data).flags)
 
 
 def _row(label: str, m: dict, wall: float | None = None, peak: float | None = None) -> str:

@@ -16,8 +16,10 @@ from bench_grid import DEFENCES, tiny_inputs, write_grid
 from synthetic import run_cli
 
 from unbackdoor.bench.config import load_bench_config
-from unbackdoor.bench.runner import expand, prepare, run_bench, worker_command
+from unbackdoor.bench.runner import expand, prepare, run_bench, victim_data, worker_command
 from unbackdoor.bench.store import CellSpec, Store
+from unbackdoor.data import load_poisoned_task
+from unbackdoor.detect.metrics import scores_file_metrics
 from unbackdoor.errors import ConfigError
 
 
@@ -124,6 +126,13 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path: Path, inputs
     assert cells["syn/s0/floor-model"]["asr"] is None  # clean model on clean data: no ASR
     assert (tmp_path / "run" / "results.json").is_file()
     assert (tmp_path / "run" / "models" / "syn" / "badnets" / "s0" / "none" / "model" / "unbackdoor.json").is_file()
+
+    # the unlearn cell's detect step, scored against the true flags after the defence ran
+    unlearn = cells["syn/badnets/s0/lya"]
+    flags = load_poisoned_task(victim_data(tmp_path / "run", unlearn["config"])).flags
+    detect = tmp_path / "run" / "models" / "syn" / "badnets" / "s0" / "lya" / "detect"
+    assert unlearn["metrics"]["detection"] == scores_file_metrics(detect / "scores.csv", flags)
+    assert unlearn["metrics"]["detection"]["n_rows"] == 200 and unlearn["metrics"]["detection"]["n_poisoned"] > 0
 
     assert run_bench(config, tmp_path / "run") == {"done": 6}
     assert all(v == ["done"] for v in _attempts_by_cell(store).values())

@@ -30,10 +30,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("bench-report")
     data, model = tiny_inputs(root)
     attacks = [{"name": "badnets", "attack": "badnets"}, {"name": "addsent", "attack": "addsent"}]
-    defences = [*DEFENCES[:2], {"kind": "purify", "name": "broken", "method": "finetune", "clean_size": 100000}]
+    defences = [*DEFENCES, {"kind": "purify", "name": "broken", "method": "finetune", "clean_size": 100000}]
     config = write_grid(root / "grid.yaml", data, model, seeds=[0, 1], attacks=attacks, defences=defences)
     counts = run_bench(config, root / "run")
-    assert counts == {"done": 2 * (1 + 2 * 4), "failed": 2 * 2}
+    assert counts == {"done": 2 * (1 + 2 * 5), "failed": 2 * 2}
     return root / "run"
 
 
@@ -87,6 +87,21 @@ def test_markdown_has_floor_victim_and_defence_rows_with_mean_std(run_dir: Path,
     for name in ("asr_vs_cacc_syn.png", "asr_bars_syn.png"):
         assert (report / name).read_bytes().startswith(PNG_MAGIC)
         assert f"]({name})" in md
+
+
+def test_detection_table_matches_the_unlearn_cells(run_dir: Path, report: Path) -> None:
+    unlearn = [c for c in Store(run_dir).cells(status="done") if c["kind"] == "unlearn"]
+    assert {c["attack"] for c in unlearn} == {"badnets", "addsent"} and len(unlearn) == 4
+    md = (report / "report.md").read_text(encoding="utf-8")
+    page = (report / "report.html").read_text(encoding="utf-8")
+    for attack in ("badnets", "addsent"):
+        found = [c["metrics"]["detection"] for c in unlearn if c["attack"] == attack]
+        precision = [d["precision"] for d in found]
+        recall = [d["recall"] for d in found]
+        line = (f"| {attack} | lya | {100 * statistics.fmean(precision):.1f} ± {100 * statistics.stdev(precision):.1f} | "
+                f"{100 * statistics.fmean(recall):.1f} ± {100 * statistics.stdev(recall):.1f} |")
+        assert line in md
+        assert f"<td>{attack}</td><td>lya</td>" in page
 
 
 def test_html_is_self_contained(report: Path) -> None:
@@ -148,7 +163,7 @@ def test_report_records_how_long_the_grid_took(run_dir: Path, report: Path) -> N
 
     store = Store(run_dir)
     took = grid_time(store.cells(), store.attempts())
-    assert took.cells_done == 2 * (1 + 2 * 4) and 0 < took.busy_wall_s <= took.attempts_s
+    assert took.cells_done == 2 * (1 + 2 * 5) and 0 < took.busy_wall_s <= took.attempts_s
     assert took.done_s == pytest.approx(sum(c["wall_s"] for c in store.cells(status="done")))
     assert f"Time: {took.text()}." in (report / "report.md").read_text(encoding="utf-8")
     assert took.text() in (report / "report.html").read_text(encoding="utf-8")

@@ -30,11 +30,12 @@ from unbackdoor.detect import (
     detection_metrics,
     flag_indices,
     learn_weights,
+    scores_file_metrics,
     standardise,
 )
 from unbackdoor.detect.base import Detection
 from unbackdoor.data.io import read_rows_file
-from unbackdoor.detect.command import DetectCommand, run_detect
+from unbackdoor.detect.command import DetectCommand, run_detect, write_scores
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
 from unbackdoor.optim.multilevel import hypergradient, unroll
@@ -126,6 +127,17 @@ def test_detection_metrics_hand_computed() -> None:
     assert auroc([0.5, 0.5, 0.1], [True, False, False]) == 0.75  # a tie counts one half
     with pytest.raises(ValueError, match="rows"):
         detection_metrics(det, PoisonFlags(frozenset({"r0"}), 5))
+
+
+def test_scores_file_metrics_match_the_detection_written(tmp_path: Path) -> None:
+    rows = Dataset(tuple(Example(f"r{i}", f"text, {i}", i % 2) for i in range(4)), 2)
+    det = Detection(rows, torch.tensor([0.9, 0.2, 0.8, 0.2]), ["r0", "r1"], FlagRule(rate=0.5))
+    write_scores(det, tmp_path / "scores.csv")
+    # the flags may describe more rows than were scored (detect ran on a subsample)
+    flags = PoisonFlags(frozenset({"r0", "r2", "r9"}), 10)
+    m = scores_file_metrics(tmp_path / "scores.csv", flags)
+    assert (m["precision"], m["recall"], m["auroc"], m["n_rows"], m["n_poisoned"]) == (0.5, 0.5, 1.0, 4, 2)
+    assert m == detection_metrics(det, PoisonFlags(frozenset({"r0", "r2"}), 4))
 
 
 # ----------------------------------------------------------------------------- the multilevel model

@@ -25,6 +25,7 @@ from unbackdoor.evaluate import recorded_clean_to_target
 from unbackdoor.outputs import atomic_output_dir, write_json
 
 VICTIM, FLOOR = "none", "floor"
+DETECTION_METRICS = ("precision", "recall", "auroc")
 TABLE_HEAD = ("attack", "defence", "CACC %", "ASR %", "clean → target %", "floor ASR %", "RA %", "n")
 CELL_COLUMNS = ("id", "kind", "dataset", "attack", "defence", "seed", "status", "attempts", "cacc", "asr",
                 "robust_accuracy", "macro_f1", "wall_s", "peak_memory_mb", "version", "git_commit", "error")
@@ -63,6 +64,7 @@ class Row:
     wall_s: Stat
     floor_asr: Stat
     lean: Stat  # clean → target: the share of clean non-target test rows predicted as the target
+    detection: dict[str, Stat]  # unlearn cells: precision, recall, AUROC of their detect step
 
     @property
     def n(self) -> int:
@@ -91,7 +93,9 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[Row]:
         target = targets.get(key[:2])
         rows.append(Row(*key, stats={m: Stat.of([c[m] for c in group]) for m in METRICS},
                         wall_s=Stat.of([c["wall_s"] for c in group]), floor_asr=Stat.of([c["asr"] for c in floor]),
-                        lean=Stat.of([recorded_clean_to_target(c["metrics"] or {}, target) for c in group])))
+                        lean=Stat.of([recorded_clean_to_target(c["metrics"] or {}, target) for c in group]),
+                        detection={m: Stat.of([((c["metrics"] or {}).get("detection") or {}).get(m) for c in group])
+                                   for m in DETECTION_METRICS}))
     return rows
 
 
@@ -152,6 +156,37 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def _table_numbers(r: Row) -> list[str]:
     return [r.stats["cacc"].text(), r.stats["asr"].text(), r.lean.text(), r.floor_asr.text(),
             r.stats["robust_accuracy"].text(), str(r.n)]
+
+
+DETECTION_HEAD = ("attack", "unlearn cells", "precision %", "recall %", "AUROC", "n")
+
+
+def detection_lines(rows: Sequence[Row]) -> list[tuple[str, ...]]:
+    """Per attack, how well the unlearn cells' ``detect`` step found the poisoned rows; defences whose
+    detection is the same (one detector, rate and clean set) share a line."""
+    lines = []
+    for attack in dict.fromkeys(r.attack for r in rows):
+        shared: dict[tuple[str, ...], list[Row]] = {}
+        for r in rows:
+            if r.attack == attack and r.detection["precision"].n:
+                key = (r.detection["precision"].text(), r.detection["recall"].text(), _auroc_text(r.detection["auroc"]),
+                       str(r.detection["precision"].n))
+                shared.setdefault(key, []).append(r)
+        lines += [(attack, ", ".join(r.defence for r in group), *key) for key, group in shared.items()]
+    return lines
+
+
+def detection_table(rows: Sequence[Row]) -> str:
+    """:func:`detection_lines` as Markdown (empty without unlearn cells)."""
+    lines = detection_lines(rows)
+    if not lines:
+        return ""
+    return "\n".join([f"| {' | '.join(DETECTION_HEAD)} |", "|---|---|---:|---:|---:|---:|",
+                      *[f"| {' | '.join(line)} |" for line in lines]]) + "\n"
+
+
+def _auroc_text(stat: Stat) -> str:
+    return "—" if stat.mean is None else f"{stat.mean:.3f} ± {stat.std or 0:.3f}"
 
 
 def failed_lines(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -279,6 +314,11 @@ def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, byt
              f"</code>.</p><p>Time: {html.escape(str(meta.get('time', '')))}.</p>"]
     for dataset, rows, images in sections:
         parts.append(f"<h2>{html.escape(dataset)}</h2>{html_table(rows)}")
+        if detection := detection_lines(rows):
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in DETECTION_HEAD)
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in line) + "</tr>" for line in detection)
+            parts.append(f"<h3>Finding the poisoned rows (unlearn cells' detect step vs the true flags)</h3>"
+                         f'<table class="detection"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>')
         for name, png in images.items():
             data = base64.b64encode(png).decode("ascii")
             parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{data}">'
@@ -323,6 +363,10 @@ def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
         for name, png in images.items():
             (target / name).write_bytes(png)
         md += [f"## {dataset}", "", markdown_table(ds_rows), *[f"![{n}]({n})" for n in images], ""]
+        if detection := detection_table(ds_rows):
+            md += [f"### {dataset}: finding the poisoned rows", "", "The unlearn cells' `detect` step against the "
+                   "true flags (evaluation only; the defence never saw them): precision and recall of the flagged "
+                   "rows, AUROC of the suspicion scores.", "", detection]
         sections.append((dataset, ds_rows, images))
     failed = [c for c in cells if c["status"] == "failed"]
     md += failed_lines(cells)

@@ -8,7 +8,8 @@ Cells (ids ``DATASET/ATTACK/sSEED/DEFENCE``):
 * ``.../floor``: the never-poisoned model evaluated on this attack's triggered test set;
 * ``.../NAME``: a defence of the victim: train-time (training on the poisoned rows through it, as
   ``train --defense``), purify (``purify`` with a clean set) or unlearn (``detect`` then
-  ``unlearn`` of the flagged rows; never the oracle flags).
+  ``unlearn`` of the flagged rows; never the oracle flags). Once an unlearn cell has run, its
+  metrics also get ``detection``: how well ``detect`` found the poisoned rows (true flags).
 
 Every step is the command function the CLI runs; intermediate models live under RUN_DIR/models/
 (atomic outputs: a folder that exists is finished and is reused by a rerun), results only in the
@@ -231,14 +232,24 @@ def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict
             clean_set=CleanDraw(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
             rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect")))
     if (folder / "model").exists():
-        return _evaluate(folder / "model", data)
+        return {**_evaluate(folder / "model", data), "detection": detection_quality(folder, data)}
     record = run_unlearn(UnlearnCommand(
         model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / "flagged.tsv"),
         retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
                                                                     size=spec.clean_size, seed=seed),
         method=spec.method, params=spec.params, base=_base(config), train_data=data, max_train=config["max_train"],
         train_seed=seed, eval_data=data, out=str(folder / "model")))
-    return record["metrics"]
+    return {**record["metrics"], "detection": detection_quality(folder, data)}
+
+
+def detection_quality(folder: Path, data: str) -> dict[str, Any]:
+    """How well an unlearn cell's ``detect`` step found the poisoned rows: precision and recall of
+    the flagged rows, AUROC of the scores, against the true flags. Evaluation, after the defence ran."""
+    from unbackdoor.data import load_poisoned_task
+    from unbackdoor.detect.command import SCORES_FILE
+    from unbackdoor.detect.metrics import scores_file_metrics
+
+    return scores_file_metrics(folder / "detect" / SCORES_FILE, load_poisoned_task(data).flags)
 
 
 def run_cell(run_dir: Path, cell: Claimed) -> dict[str, Any]:

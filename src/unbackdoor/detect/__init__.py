@@ -18,7 +18,7 @@ from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector,
 from unbackdoor.detect.defense import ReweightDefense, ReweightDefenseConfig
 from unbackdoor.detect.features import FeatureData, feature_data, sentence_features, standardise
 from unbackdoor.detect.loss import LossConfig, LossDetector
-from unbackdoor.detect.metrics import auroc, detection_metrics
+from unbackdoor.detect.metrics import auroc, detection_metrics, scores_file_metrics
 from unbackdoor.detect.reweight import ReweightConfig, ReweightDetector, build_levels, learn_weights
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "auroc",
     "build_levels",
     "detection_metrics",
+    "scores_file_metrics",
     "feature_data",
     "flag_indices",
     "learn_weights",

@@ -5,7 +5,9 @@ Detectors never import this module: it is the only place scores meet the true po
 
 from __future__ import annotations
 
+import csv
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -44,14 +46,31 @@ def detection_metrics(detection: Detection, flags: PoisonFlags) -> dict[str, flo
     ids = detection.rows.ids
     if flags.n_rows != len(ids) or not flags.poisoned_ids <= set(ids):
         raise ValueError(f"the flags describe {flags.n_rows} rows, not the detection's {len(ids)}")
+    return _quality(ids, detection.scores.tolist(), set(detection.flagged_ids), flags)
+
+
+def scores_file_metrics(path: str | Path, flags: PoisonFlags) -> dict[str, float | int]:
+    """:func:`detection_metrics` of a written ``unbackdoor detect`` output (its ``scores.csv``), whose
+    rows may be a subsample of those ``flags`` describe."""
+    if not isinstance(flags, PoisonFlags):
+        raise TypeError(f"flags must be PoisonFlags, got {type(flags).__name__}")
+    with Path(path).open(encoding="utf-8", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows:
+        raise ValueError(f"{path}: no scored rows")
+    return _quality([r["id"] for r in rows], [float(r["score"]) for r in rows],
+                    {r["id"] for r in rows if r["flagged"] == "1"}, flags)
+
+
+def _quality(ids: Sequence[str], scores: Sequence[float], chosen: set[str], flags: PoisonFlags) -> dict[str, float | int]:
     truth = [flags.is_poisoned(i) for i in ids]
-    chosen = set(detection.flagged_ids)
     hits = sum(1 for i, t in zip(ids, truth, strict=True) if t and i in chosen)
     n_poisoned = sum(truth)
     return {
         "precision": hits / len(chosen) if chosen else float("nan"),
         "recall": hits / n_poisoned if n_poisoned else float("nan"),
-        "auroc": auroc(detection.scores, truth),
+        "auroc": auroc(scores, truth),
+        "n_rows": len(ids),
         "n_flagged": len(chosen),
         "n_poisoned": n_poisoned,
         "n_true_positive": hits,
