@@ -235,15 +235,18 @@ def scatter_png(rows: Sequence[Row]) -> bytes:
     import matplotlib.pyplot as plt
 
     defences = list(dict.fromkeys(r.defence for r in rows))
+    colours = {a: f"C{i % 10}" for i, a in enumerate(dict.fromkeys(r.attack for r in rows))}  # one per attack
     cols = min(3, len(defences))
     nrows = -(-len(defences) // cols)
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False)
+    # shared axes: the panels compare defences at a glance
+    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False, sharex=True, sharey=True)
     for ax, defence in zip(axes.flat, defences, strict=False):
         for r in (r for r in rows if r.defence == defence and r.stats["asr"].mean is not None):
             c, a = r.stats["cacc"], r.stats["asr"]
             ax.errorbar(100 * c.mean, 100 * a.mean, xerr=100 * (c.std or 0), yerr=100 * (a.std or 0), fmt="o",
-                        capsize=3, label=r.attack)
+                        capsize=3, label=r.attack, color=colours[r.attack])
         ax.set(title=defence_label(defence), xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
+        ax.xaxis.set_tick_params(labelbottom=True)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(defences):]:
         ax.axis("off")
@@ -260,7 +263,8 @@ def bars_png(rows: Sequence[Row]) -> bytes:
     attacks = list(dict.fromkeys(r.attack for r in rows))
     defences = list(dict.fromkeys(r.defence for r in rows))
     width = 0.8 / max(1, len(defences))
-    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(attacks) * max(1, len(defences)) * 0.35 + 2), 3.8))
+    palette = plt.get_cmap("tab20").colors  # 20 distinct colours: one per defence of a full grid
+    fig, ax = plt.subplots(figsize=(min(14.0, 3 + 1.8 * len(attacks)), 4.2))
     for j, defence in enumerate(defences):
         xs, ys, es = [], [], []
         for i, attack in enumerate(attacks):
@@ -269,7 +273,7 @@ def bars_png(rows: Sequence[Row]) -> bytes:
                 xs.append(i + (j - (len(defences) - 1) / 2) * width)
                 ys.append(100 * row.stats["asr"].mean)
                 es.append(100 * (row.stats["asr"].std or 0))
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=defence_label(defence))
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=defence_label(defence), color=palette[j % len(palette)])
     ax.set_xticks(range(len(attacks)), attacks, rotation=20)
     ax.set(ylabel="ASR %", ylim=(0, 105), title="ASR per attack")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
