@@ -1,8 +1,9 @@
 """``unbackdoor report RUN_DIR``: tables, plots and one self-contained HTML page from the store.
 
-Per dataset, rows are attack x defence with CACC and ASR as mean ± std over seeds and n; each
-attack has its ``floor`` row (the never-poisoned model on that attack's triggered test set) and its
-victim row (defence ``none``). Files: ``report.md``, ``summary.csv`` (the aggregated rows),
+Per dataset, rows are attack x defence with CACC, ASR and each model's clean → target lean as mean
+± std over seeds and n; each attack has its ``floor`` row (the never-poisoned model on that attack's
+triggered test set) and its victim row (defence ``none``). Unlearn cells add a table of how well
+their detect step found the poisoned rows; the header says how long the grid took. Files: ``report.md``, ``summary.csv`` (the aggregated rows),
 ``cells.csv`` (one row per cell), ``asr_vs_cacc_<dataset>.png``, ``asr_bars_<dataset>.png`` and
 ``report.html`` (everything inline, images as base64).
 """
@@ -133,6 +134,7 @@ class GridTime:
 
 
 def grid_time(cells: Sequence[dict[str, Any]], attempts: Sequence[dict[str, Any]]) -> GridTime:
+    """:class:`GridTime` of a store's cells and attempts (attempts still running are left out)."""
     done = [c for c in cells if c["status"] == "done"]
     spans = sorted((a["started_at"], a["finished_at"]) for a in attempts
                    if a["started_at"] is not None and a["finished_at"] is not None)
