@@ -219,7 +219,7 @@ def run_purify_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[
 def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
     """``unbackdoor detect`` on the poisoned rows, then ``unbackdoor unlearn`` of the flagged ones."""
     from unbackdoor.commands import UnlearnCommand, run_unlearn
-    from unbackdoor.detect.command import CleanDraw, DetectCommand, run_detect
+    from unbackdoor.detect.command import FLAGGED_FILE, CleanDraw, DetectCommand, run_detect
     from unbackdoor.pipeline import CleanSetConfig
 
     spec = UnlearnDefenceSpec.model_validate(config["defence"])
@@ -231,15 +231,16 @@ def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict
             data=data, clean=config["dataset"]["spec"], method=spec.detector, params=spec.detector_params,
             clean_set=CleanDraw(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
             rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect")))
-    if (folder / "model").exists():
-        return {**_evaluate(folder / "model", data), "detection": detection_quality(folder, data)}
-    record = run_unlearn(UnlearnCommand(
-        model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / "flagged.tsv"),
-        retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
-                                                                    size=spec.clean_size, seed=seed),
-        method=spec.method, params=spec.params, base=_base(config), train_data=data, max_train=config["max_train"],
-        train_seed=seed, eval_data=data, out=str(folder / "model")))
-    return {**record["metrics"], "detection": detection_quality(folder, data)}
+    if (folder / "model").exists():  # finished by an earlier attempt
+        metrics = _evaluate(folder / "model", data)
+    else:
+        metrics = run_unlearn(UnlearnCommand(
+            model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / FLAGGED_FILE),
+            retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
+                                                                        size=spec.clean_size, seed=seed),
+            method=spec.method, params=spec.params, base=_base(config), train_data=data,
+            max_train=config["max_train"], train_seed=seed, eval_data=data, out=str(folder / "model")))["metrics"]
+    return {**metrics, "detection": detection_quality(folder, data)}
 
 
 def detection_quality(folder: Path, data: str) -> dict[str, Any]:

@@ -38,10 +38,10 @@ __all__ = [
     "auroc",
     "build_levels",
     "detection_metrics",
-    "scores_file_metrics",
     "feature_data",
     "flag_indices",
     "learn_weights",
+    "scores_file_metrics",
     "sentence_features",
     "standardise",
 ]
