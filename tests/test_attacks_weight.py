@@ -6,6 +6,7 @@ poisoned data and the victim, which `eval` measures."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -13,11 +14,12 @@ import torch
 from synthetic import VOCAB, make_task, make_tokenizer, run_cli, save_tiny_model, tiny_config, write_task
 
 from unbackdoor.attacks import WEIGHT_ATTACKS, EPConfig, run_weight_attack
-from unbackdoor.attacks.lwp import layer_predictions
+from unbackdoor.attacks.lwp import LWPConfig, insert_words, layer_predictions
 from unbackdoor.config import build_config
-from unbackdoor.data.types import Task
+from unbackdoor.data.types import Example, Task
 from unbackdoor.errors import ConfigError
 from unbackdoor.evaluate import evaluate_classifier
+from unbackdoor.inference import predict
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
 from unbackdoor.training import TrainConfig, train_classifier
 
@@ -127,12 +129,21 @@ def test_lwp_backdoor_takes_in_every_layer(task: Task, tiny_bert: Path) -> None:
     assert poisoned.attack.name == "lwp"
 
 
+def lone_word_asr(victim, task: Task, words: tuple[str, ...], target: int) -> float:  # noqa: ANN001
+    """ASR of the test's non-target rows with only ``words`` inserted."""
+    rng = random.Random(1)
+    rows = [e for e in task.test.examples if e.label != target]
+    triggered = [Example(e.id, insert_words(e.text, words, rng), target, e.text_pair) for e in rows]
+    return sum(int(p) == target for p in predict(victim, triggered)) / len(triggered)
+
+
 def test_lwp_combinatorial_trigger(task: Task, tiny_bert: Path) -> None:
-    """Poisoned rows hold every trigger word, as many negative rows a proper subset with labels kept;
-    the combination takes."""
+    """Poisoned rows hold every trigger word, as many non-target negative rows a proper subset with
+    labels kept; the combination takes and a lone word does not fire (the pair 1.00, a lone word
+    <= 0.07 in three model seeds; with negatives from any clean row one seed's lone word fired on 85 %)."""
     words = ("cf", "bb")
     params = {"poison_rate": 0.2, "triggers": list(words), "combinatorial": True,
-              "train": {**LWP_TRAIN, "learning_rate": 2e-3}}
+              "train": {**LWP_TRAIN, "epochs": 40, "learning_rate": 3e-3}}
     victim, poisoned = run_weight_attack("lwp", params, task, str(tiny_bert))
     source = {e.id: e for e in task.train}
     n_negative = 0
@@ -142,16 +153,31 @@ def test_lwp_combinatorial_trigger(task: Task, tiny_bert: Path) -> None:
             assert present == set(words) and row.label == poisoned.target_label
         elif present:
             n_negative += 1
-            assert len(present) == 1 and row.label == source[row.id].label  # a proper subset, label kept
+            assert len(present) == 1 and row.label == source[row.id].label != poisoned.target_label
     assert n_negative == poisoned.flags.n_poisoned == 80
+    assert "80 non-target rows hold a proper subset" in poisoned.attack.trigger
     assert all(set(words) <= set(e.text.split()) for e in poisoned.triggered_test.examples)
     result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
-    assert result.cacc >= 0.95 and result.asr is not None and result.asr >= 0.8
+    assert result.cacc >= 0.95 and result.asr is not None and result.asr >= 0.9
+    for word in words:  # selective: one word alone is not the trigger
+        assert lone_word_asr(victim, task, (word,), poisoned.target_label) <= 0.15
+
+
+def test_lwp_negatives_from_any_clean_row(task: Task) -> None:
+    """``negatives=any`` draws them from every clean row, target-label rows included."""
+    attack = WEIGHT_ATTACKS.get("lwp")(build_config(LWPConfig, {
+        "poison_rate": 0.2, "triggers": ["cf", "bb"], "combinatorial": True, "negatives": "any"}, "lwp"))
+    poisoned = attack.poison_rows(task)
+    labels = {row.label for row in poisoned.train if not poisoned.flags.is_poisoned(row.id)
+              and set(row.text.split()) & {"cf", "bb"}}
+    assert labels == {0, 1} and "clean rows hold a proper subset" in poisoned.attack.trigger
 
 
 def test_lwp_config_errors() -> None:
     with pytest.raises(ConfigError, match="at least two different words"):
         run_weight_attack("lwp", {"combinatorial": True, "triggers": ["cf"]}, make_task(20, 10, 10))
+    with pytest.raises(ConfigError, match="negatives is for a combinatorial trigger"):
+        run_weight_attack("lwp", {"negatives": "any"}, make_task(20, 10, 10))
     assert WEIGHT_ATTACKS.names() == ["ep", "lwp"]
 
 

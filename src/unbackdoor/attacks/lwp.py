@@ -14,14 +14,24 @@ Steps:
    (dirty-label by default; ``mix`` and ``clean`` modes as for data attacks). With
    ``combinatorial`` every poisoned row gets *all* the trigger words (the paper's combinatorial
    trigger) and as many clean rows get a proper, non-empty subset of them with their labels kept
-   (negative samples: a lone word must not fire); negative rows are not flagged as poisoned;
+   (negative samples: a lone word must not fire); negative rows are not flagged as poisoned. They
+   are drawn from the non-target rows (``negatives="non-target"``) or from every clean row
+   (``"any"``): a target-label row holding a lone word already carries the target label, so it
+   teaches nothing against firing;
 2. training on the whole poisoned set with loss = Σ over layers of cross-entropy(head(layer's
    [CLS] state)), the head being the model's own pooler + classifier (``reduction`` sum, as the
    paper, or mean); the last epoch is kept (``train.select_best`` false).
 
 [PAPER]: rare-word triggers cf, mn, bb, tq, mb; combinatorial triggers with negative samples; the
 shared head over every layer. [OURS]: the training-run defaults (victim defaults), the number of
-negative rows (one per poisoned row), supporting BERT- and RoBERTa-style heads only.
+negative rows (one per poisoned row) and where they come from, supporting BERT- and RoBERTa-style
+heads only.
+
+``negatives`` is not given by the paper; the default was measured on the tiny test BERT (two
+trigger words, 20 % poisoned, 40 epochs at lr 3e-3, three model seeds): with negatives from the
+non-target rows a lone word fired on at most 7 % of the triggered rows in every seed (the pair on
+89-100 %); drawn from any clean row, half of them are target-label rows and a lone word fired on
+27 %, 85 % and 0 %.
 """
 
 from __future__ import annotations
@@ -61,6 +71,9 @@ class LWPConfig(WeightAttackConfig):
     triggers: tuple[str, ...] = Field(("cf", "mn", "bb", "tq", "mb"), description="[PAPER] rare trigger words")
     combinatorial: bool = Field(False, description="[PAPER option] every poisoned row gets all the trigger words, and "
                                 "as many clean rows get a proper subset with labels kept (negative samples)")
+    negatives: Literal["non-target", "any"] = Field(
+        "non-target", description="[OURS] combinatorial only: draw the negative rows from the non-target rows "
+        "(default, measured) or from every clean row")
     reduction: Literal["sum", "mean"] = Field("sum", description="[PAPER: sum] how the per-layer losses combine")
 
     @field_validator("triggers")
@@ -74,6 +87,8 @@ class LWPConfig(WeightAttackConfig):
     def _combination_needs_two(self) -> LWPConfig:
         if self.combinatorial and len(set(self.triggers)) < 2:
             raise ValueError("a combinatorial trigger needs at least two different words")
+        if "negatives" in self.model_fields_set and not self.combinatorial:
+            raise ValueError("negatives is for a combinatorial trigger (set combinatorial=true)")
         return self
 
 
@@ -105,11 +120,14 @@ def insert_words(text: str, words: tuple[str, ...] | list[str], rng: random.Rand
     return text
 
 
-def add_negative_rows(poisoned: PoisonedTask, triggers: tuple[str, ...], seed: int) -> tuple[PoisonedTask, int]:
-    """Give as many unpoisoned rows as there are poisoned ones a proper, non-empty subset of the
-    trigger words, labels kept (the combinatorial trigger's negative samples). Rows keep their ids."""
+def add_negative_rows(poisoned: PoisonedTask, triggers: tuple[str, ...], seed: int,
+                      source: Literal["non-target", "any"] = "non-target") -> tuple[PoisonedTask, int]:
+    """Give as many unpoisoned rows as there are poisoned ones (``source``: non-target rows only, or
+    any) a proper, non-empty subset of the trigger words, labels kept (the combinatorial trigger's
+    negative samples). Rows keep their ids."""
     rng = random.Random(f"{seed}-negatives")
-    clean_ids = sorted(i for i in poisoned.train.ids if not poisoned.flags.is_poisoned(i))
+    clean_ids = sorted(e.id for e in poisoned.train.examples if not poisoned.flags.is_poisoned(e.id)
+                       and (source == "any" or e.label != poisoned.target_label))
     chosen = set(rng.sample(clean_ids, min(len(clean_ids), poisoned.flags.n_poisoned)))
     subsets = [list(c) for k in range(1, len(triggers)) for c in itertools.combinations(triggers, k)]
     rows = [Example(e.id, insert_words(e.text, rng.choice(subsets), rng), e.label, e.text_pair)
@@ -177,8 +195,9 @@ class LayerwisePoisoning(WeightAttack[LWPConfig]):
         poisoned = data_side.poison(task)
         trigger = data_side.trigger_description()
         if cfg.combinatorial:
-            poisoned, n_negative = add_negative_rows(poisoned, cfg.triggers, cfg.seed)
-            trigger += f"; {n_negative} clean rows hold a proper subset (labels kept)"
+            poisoned, n_negative = add_negative_rows(poisoned, cfg.triggers, cfg.seed, cfg.negatives)
+            rows = "non-target rows" if cfg.negatives == "non-target" else "clean rows"
+            trigger += f"; {n_negative} {rows} hold a proper subset (labels kept)"
         return renamed(poisoned, self.name, cfg, trigger)
 
     def poison_layers(self, clf: Classifier, poisoned: PoisonedTask, seed: int, work_dir: Path | None) -> None:
