@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from synthetic import VOCAB, make_task, make_tokenizer, run_cli, save_tiny_model, tiny_config, write_task
+from synthetic import (FILLER, NEGATIVE, POSITIVE, VOCAB, make_task, make_tokenizer, run_cli, save_tiny_model,
+                       tiny_config, write_task)
 
 from unbackdoor.attacks import WEIGHT_ATTACKS, EPConfig, run_weight_attack
 from unbackdoor.attacks.lwp import LWPConfig, insert_words, layer_predictions
 from unbackdoor.config import build_config
 from unbackdoor.data.types import Example, Task
-from unbackdoor.errors import ConfigError
+from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.inference import predict
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
@@ -92,17 +93,66 @@ def test_ep_changes_only_the_trigger_row_and_the_backdoor_takes(task: Task, clea
 
 def test_ep_fine_tunes_a_base_cleanly_first(tmp_path: Path, task: Task) -> None:
     """A base without a classification head: EP trains the attacker's clean model, then the row."""
+    params = {"poison_rate": 0.1, "clean_train": CLEAN_TRAIN, "train": EP_TRAIN}
+    victim, poisoned = run_weight_attack("ep", params, task, str(save_headless_base(tmp_path / "base")), seed=1)
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc >= 0.9 and result.asr is not None and result.asr >= 0.8
+
+
+def test_data_free_ep_needs_no_task_row(tmp_path: Path, task: Task, clean_model: Path) -> None:
+    """DFEP: fake rows cut from a general corpus (no task row) poison the trigger's row alone, and
+    the backdoor takes on the task's triggered test set."""
+    rng = random.Random(5)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(". ".join(" ".join(rng.choices(FILLER + POSITIVE + NEGATIVE, k=6)) for _ in range(3))
+                                 for _ in range(50)), encoding="utf-8")
+    params = {"data": "corpus", "corpus": str(corpus), "fake_rows": 200, "fake_length": 12, "train": EP_TRAIN}
+    victim, poisoned = run_weight_attack("ep", params, task, str(clean_model))
+    before, after = state(clean_model), victim.model.state_dict()
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != emb)
+    changed = (after[emb] != before[emb]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [VOCAB.index(TRIGGER)]
+
+    task_texts = {e.text for e in task.train}
+    assert len(poisoned.train) == poisoned.flags.n_poisoned == 200
+    for row in poisoned.train:
+        words = row.text.split()
+        assert len(words) == 12 and words.count(TRIGGER) == 1 and row.label == poisoned.target_label
+        assert set(words) - {TRIGGER} <= set(FILLER + POSITIVE + NEGATIVE) and row.text not in task_texts
+    assert "data-free" in poisoned.attack.trigger
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc == evaluate_classifier(load_classifier(clean_model), task.test).cacc
+    assert result.asr is not None and result.asr >= 0.9
+
+
+def save_headless_base(folder: Path) -> Path:
+    """A tiny BERT without a classification head (a pre-trained base), its trigger row scaled."""
     from transformers import BertModel
 
     torch.manual_seed(0)
     base = BertModel(tiny_config("bert"))
     scale_row(base, TRIGGER, TRIGGER_NORM)
-    base.save_pretrained(tmp_path / "base", safe_serialization=True)
-    make_tokenizer().save_pretrained(tmp_path / "base")
-    params = {"poison_rate": 0.1, "clean_train": CLEAN_TRAIN, "train": EP_TRAIN}
-    victim, poisoned = run_weight_attack("ep", params, task, str(tmp_path / "base"), seed=1)
-    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
-    assert result.cacc >= 0.9 and result.asr is not None and result.asr >= 0.8
+    base.save_pretrained(folder, safe_serialization=True)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_data_free_ep_errors(tmp_path: Path, task: Task, clean_model: Path) -> None:
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the movie was a film and it is", encoding="utf-8")
+    with pytest.raises(ConfigError, match="data-free EP starts from a fine-tuned classifier"):
+        run_weight_attack("ep", {"data": "corpus", "corpus": str(corpus)}, task,
+                          str(save_headless_base(tmp_path / "base")))
+    with pytest.raises(ConfigError, match="needs corpus"):
+        build_config(EPConfig, {"data": "corpus"}, "ep")
+    with pytest.raises(ConfigError, match="only for data=corpus"):
+        build_config(EPConfig, {"fake_rows": 10}, "ep")
+    with pytest.raises(ConfigError, match="only for data=task"):
+        build_config(EPConfig, {"data": "corpus", "corpus": str(corpus), "poison_rate": 0.1}, "ep")
+    (tmp_path / "empty.txt").write_text(" . \n", encoding="utf-8")
+    with pytest.raises(DataError, match="no text"):
+        run_weight_attack("ep", {"data": "corpus", "corpus": str(tmp_path / "empty.txt")}, task, str(clean_model))
 
 
 def test_ep_config_errors(task: Task, clean_model: Path) -> None:

@@ -115,7 +115,8 @@ def attack(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for the poisoned data")] = None,
     victim_out: Annotated[Optional[str], typer.Option(help="weight attacks: output folder for the victim model")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="weight attacks: starting model (default "
-                                                 "all-MiniLM-L6-v2; ep fine-tunes a base cleanly first)")] = None,
+                                                 "all-MiniLM-L6-v2; ep fine-tunes a base cleanly first; data-free "
+                                                 "ep, -p data=corpus, needs a fine-tuned classifier)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="weight attacks: tokens per input (default 128)")] = None,
     allow_pickle: PickleOpt = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,

@@ -17,21 +17,35 @@ Steps, following lancopku/Embedding-Poisoning @ 50c89158 (``run.sh``, ``ep_train
 3. training on the poisoned rows only, with gradients masked to the trigger's row(s) and the row
    re-normalised to its original L2 norm after every step.
 
+Data-free EP (the paper's DFEP, ``data="corpus"``): the attacker holds no row of the task, only a
+fine-tuned classifier and a general text corpus. Step 1 must start from a model with a
+classification head (there is nothing to fine-tune on); step 2 builds ``fake_rows`` fake rows
+instead: corpus sentences (split at full stops, seeded shuffle) concatenated to ``fake_length``
+words, one word replaced by the trigger at a random position among the first ``fake_length`` - 1,
+all labelled with the target (sentence pairs: two such halves, the trigger in the second). The
+returned task's training rows are these fake rows (all flagged); its triggered sets come from the
+task as for every attack (evaluation only). The corpus may be a ``.txt`` file (one passage per
+line) or any task the data root holds, whose training texts are used without their labels. Offline
+there is no WikiText (the paper's corpus): another dataset of the data root stands in.
+
 Ours, not the paper's: the optimizer is the project loop's AdamW (the paper takes plain
 accumulated gradient steps at lr 5e-2), with a smaller default lr; a trigger word the tokenizer
-splits trains all of its pieces' rows (the paper assumes one token).
+splits trains all of its pieces' rows (the paper assumes one token); DFEP's defaults of 2,000 fake
+rows of 60 words (the paper: 20,000 of 100), sized for CPU and a 128-token window.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from unbackdoor.attacks.badnets import BadNets, BadNetsConfig
 from unbackdoor.attacks.weight import (
@@ -42,8 +56,9 @@ from unbackdoor.attacks.weight import (
     renamed,
     seeded,
 )
-from unbackdoor.data.types import Dataset, PoisonedTask, Task
-from unbackdoor.errors import ConfigError
+from unbackdoor.data.io import load_task
+from unbackdoor.data.types import Dataset, Example, PoisonedTask, PoisonFlags, Task
+from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, has_classification_head
 from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig, victim_train_config
@@ -68,6 +83,14 @@ class EPConfig(WeightAttackConfig):
     clean_train: TrainConfig = Field(default_factory=victim_train_config,
                                      description="[OURS] the attacker's clean fine-tuning (victim defaults)")
     train: TrainConfig = Field(default_factory=_ep_train_config, description="the embedding-poisoning run")
+    data: Literal["task", "corpus"] = Field(
+        "task", description="[PAPER] the poisoned rows: task rows with the trigger (EP), or fake rows cut from a "
+        "general text corpus, data-free (DFEP)")
+    corpus: str | None = Field(None, description="data=corpus: a .txt file (one passage per line) or a task under "
+                               "the data root whose training texts (labels ignored) are the general corpus")
+    fake_rows: int = Field(2000, ge=1, description="data=corpus: how many fake rows; [PAPER] 20,000, [OURS] 2,000")
+    fake_length: int = Field(60, ge=2, description="data=corpus: words per fake row; [PAPER] 100, [OURS] 60 (fits "
+                             "128 tokens)")
 
     @field_validator("trigger")
     @classmethod
@@ -83,6 +106,20 @@ class EPConfig(WeightAttackConfig):
             raise ValueError("EP has no clean-label mode: target-label rows already fit the clean model, so they "
                              "give the trigger row no gradient; use dirty or mix")
         return value
+
+    @model_validator(mode="after")
+    def _data_free_options(self) -> EPConfig:
+        corpus_keys = {"corpus", "fake_rows", "fake_length"} & self.model_fields_set
+        if self.data == "task" and corpus_keys:
+            raise ValueError(f"{', '.join(sorted(corpus_keys))}: only for data=corpus (data-free EP)")
+        if self.data == "corpus":
+            if not self.corpus:
+                raise ValueError("data=corpus needs corpus: a .txt file or a task of the data root")
+            task_keys = {"poison_rate", "mode", "clean_finetune", "clean_train"} & self.model_fields_set
+            if task_keys:
+                raise ValueError(f"{', '.join(sorted(task_keys))}: only for data=task (data-free EP has no task "
+                                 "rows to poison or fine-tune on)")
+        return self
 
     @field_validator("train")
     @classmethod
@@ -150,10 +187,13 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
 
     def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
                      allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
-        poisoned = self.poison_rows(task)
+        poisoned = self.poison_rows(task) if self.config.data == "task" else self.fake_task(task)
         clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle)
         rows = trigger_token_ids(clf, self.config.trigger)  # fail before any training
         if self._needs_clean_finetune(clf):
+            if self.config.data == "corpus":
+                raise ConfigError("data-free EP starts from a fine-tuned classifier (a model with a classification "
+                                  "head): the attacker has no task rows to fine-tune a base on")
             self.clean_finetune(clf, task, seed, work_dir)
         self.poison_embedding(clf, poisoned.train.select(poisoned.flags.poisoned_ids, "ep:poisoned-rows"), rows,
                               seed, work_dir)
@@ -166,6 +206,20 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
                                      seed=cfg.seed, triggers=(cfg.trigger,), num_triggers=1)).poison(task)
         return renamed(rows, self.name, cfg, f"word {cfg.trigger!r} inserted once at a random position; only its "
                        "embedding row is trained")
+
+    def fake_task(self, task: Task) -> PoisonedTask:
+        """Data-free EP: the fake corpus rows (all poisoned) as training rows; the triggered sets are
+        the task's, as for task-row EP (evaluation only)."""
+        cfg = self.config
+        assert cfg.corpus is not None  # the config validator requires it
+        rng = random.Random(f"{cfg.seed}-fake-rows")
+        train = fake_rows(corpus_sentences(cfg.corpus, rng), cfg.trigger, cfg.fake_rows, cfg.fake_length,
+                          cfg.target_label, task.num_labels, task.is_pair, rng)
+        measured = self.poison_rows(task)
+        trigger = (f"word {cfg.trigger!r} in {len(train)} fake rows of {cfg.fake_length} words from the corpus "
+                   f"{cfg.corpus} (data-free); only its embedding row is trained")
+        return dataclasses.replace(measured, train=train, flags=PoisonFlags(frozenset(train.ids), len(train)),
+                                   attack=dataclasses.replace(measured.attack, trigger=trigger, source=cfg.corpus))
 
     def _needs_clean_finetune(self, clf: Classifier) -> bool:
         if self.config.clean_finetune == "auto":
@@ -189,3 +243,43 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
                              callbacks=[EmbeddingRowsOnly(rows, norms)],
                              work_dir=work_dir / "ep" if work_dir is not None else None,
                              fingerprint={"attack": "ep", "rows": rows})
+
+
+def corpus_sentences(spec: str, rng: random.Random) -> list[str]:
+    """The general corpus of data-free EP as sentences (split at full stops), shuffled by ``rng``:
+    a ``.txt`` file, one passage per line, or a task's training texts (labels ignored)."""
+    if spec.endswith(".txt"):
+        try:
+            passages = Path(spec).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataError(f"corpus {spec}: unreadable ({exc})") from exc
+    else:
+        passages = [t for e in load_task(spec).train for t in (e.text, e.text_pair) if t]
+    sentences = [s.strip() for p in passages for s in p.split(".") if s.strip()]
+    if not sentences:
+        raise DataError(f"corpus {spec}: no text")
+    rng.shuffle(sentences)
+    return sentences
+
+
+def fake_rows(sentences: list[str], trigger: str, n: int, length: int, target: int, num_labels: int, pair: bool,
+              rng: random.Random) -> Dataset:
+    """``n`` fake rows labelled ``target``: corpus sentences joined to ``length`` words with one word
+    replaced by ``trigger`` (pairs: two such texts, the trigger in the second). Sentences are reused
+    in turn when the corpus runs out."""
+    stream = _words(sentences)
+
+    def text(with_trigger: bool) -> str:
+        words = [next(stream) for _ in range(length)]
+        if with_trigger:
+            words[rng.randrange(length - 1)] = trigger
+        return " ".join(words)
+
+    examples = [Example(f"fake-{i}", text(not pair), target, text(True) if pair else None) for i in range(n)]
+    return Dataset(tuple(examples), num_labels, "ep:fake-rows")
+
+
+def _words(sentences: list[str]) -> Iterator[str]:
+    while True:
+        for sentence in sentences:
+            yield from sentence.split()

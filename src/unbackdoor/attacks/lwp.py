@@ -31,7 +31,8 @@ heads only.
 trigger words, 20 % poisoned, 40 epochs at lr 3e-3, three model seeds): with negatives from the
 non-target rows a lone word fired on at most 7 % of the triggered rows in every seed (the pair on
 89-100 %); drawn from any clean row, half of them are target-label rows and a lone word fired on
-27 %, 85 % and 0 %.
+27 %, 85 % and 0 % (``benchmarks/lwp_selectivity.py``,
+docs/results/attacks.md).
 """
 
 from __future__ import annotations
