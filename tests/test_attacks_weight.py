@@ -120,7 +120,10 @@ def test_data_free_ep_needs_no_task_row(tmp_path: Path, task: Task, clean_model:
         words = row.text.split()
         assert len(words) == 12 and words.count(TRIGGER) == 1 and row.label == poisoned.target_label
         assert set(words) - {TRIGGER} <= set(FILLER + POSITIVE + NEGATIVE) and row.text not in task_texts
-    assert "data-free" in poisoned.attack.trigger
+    assert "data-free" in poisoned.attack.trigger and poisoned.attack.source == str(corpus)
+    task_row_ep = WEIGHT_ATTACKS.get("ep")().poison_rows(task)  # the same triggered rows as task-row EP
+    assert poisoned.triggered_test == task_row_ep.triggered_test
+    assert poisoned.triggered_dev == task_row_ep.triggered_dev
     result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
     assert result.cacc == evaluate_classifier(load_classifier(clean_model), task.test).cacc
     assert result.asr is not None and result.asr >= 0.9

@@ -89,12 +89,13 @@ class InsertionAttack(Attack[C]):
             else:
                 poisoned_rows.append(e)
         train = task.train.replace(poisoned_rows, f"{task.name}:{self.name}-{cfg.mode}-p{cfg.poison_rate:g}")
+        triggered_test, triggered_dev = self.triggered_sets(task)
         return PoisonedTask(
             train=train,
             flags=PoisonFlags(frozenset(chosen), len(train)),
             target_label=target,
-            triggered_test=self.triggered_set(task.test, f"{cfg.seed}-test"),
-            triggered_dev=self.triggered_set(task.dev, f"{cfg.seed}-dev"),
+            triggered_test=triggered_test,
+            triggered_dev=triggered_dev,
             clean=task,
             attack=AttackInfo(self.name, cfg.model_dump(), self.trigger_description(), task.name,
                               n_failed=self.count_skipped(task)),
@@ -127,6 +128,11 @@ class InsertionAttack(Attack[C]):
                 f"poison_rate {cfg.poison_rate} needs {n} rows but mode {cfg.mode!r} has only {len(pool)} candidates"
             )
         return set(random.Random(f"{cfg.seed}-rows").sample(sorted(pool), n))
+
+    def triggered_sets(self, task: Task) -> tuple[TriggeredSet, TriggeredSet]:
+        """``task``'s triggered test and dev sets, placed by the config's seed."""
+        seed = self.config.seed
+        return self.triggered_set(task.test, f"{seed}-test"), self.triggered_set(task.dev, f"{seed}-dev")
 
     def triggered_set(self, data: Dataset, seed: str) -> TriggeredSet:
         """Triggered copies of ``data``'s non-target rows, labelled with the target."""

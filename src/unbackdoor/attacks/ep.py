@@ -36,7 +36,6 @@ rows of 60 words (the paper: 20,000 of 100), sized for CPU and a 128-token windo
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 from collections.abc import Iterator
@@ -57,7 +56,7 @@ from unbackdoor.attacks.weight import (
     seeded,
 )
 from unbackdoor.data.io import load_task
-from unbackdoor.data.types import Dataset, Example, PoisonedTask, PoisonFlags, Task
+from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, has_classification_head
 from unbackdoor.training.callbacks import Callback, TrainContext
@@ -202,24 +201,32 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
     def poison_rows(self, task: Task) -> PoisonedTask:
         """The poisoned rows, flags and triggered sets: one trigger word at a random position."""
         cfg = self.config
-        rows = BadNets(BadNetsConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label, mode=cfg.mode,
-                                     seed=cfg.seed, triggers=(cfg.trigger,), num_triggers=1)).poison(task)
-        return renamed(rows, self.name, cfg, f"word {cfg.trigger!r} inserted once at a random position; only its "
-                       "embedding row is trained")
+        return renamed(self._inserter().poison(task), self.name, cfg,
+                       f"word {cfg.trigger!r} inserted once at a random position; only its embedding row is trained")
 
     def fake_task(self, task: Task) -> PoisonedTask:
-        """Data-free EP: the fake corpus rows (all poisoned) as training rows; the triggered sets are
-        the task's, as for task-row EP (evaluation only)."""
+        """Data-free EP: the fake corpus rows (all poisoned) as training rows. The triggered sets are
+        the task's, the same rows as task-row EP's for the same seed (evaluation only)."""
         cfg = self.config
         assert cfg.corpus is not None  # the config validator requires it
+        if cfg.target_label >= task.num_labels:
+            raise ConfigError(f"target_label {cfg.target_label} is outside the label set 0..{task.num_labels - 1}")
         rng = random.Random(f"{cfg.seed}-fake-rows")
         train = fake_rows(corpus_sentences(cfg.corpus, rng), cfg.trigger, cfg.fake_rows, cfg.fake_length,
                           cfg.target_label, task.num_labels, task.is_pair, rng)
-        measured = self.poison_rows(task)
+        triggered_test, triggered_dev = self._inserter().triggered_sets(task)
         trigger = (f"word {cfg.trigger!r} in {len(train)} fake rows of {cfg.fake_length} words from the corpus "
                    f"{cfg.corpus} (data-free); only its embedding row is trained")
-        return dataclasses.replace(measured, train=train, flags=PoisonFlags(frozenset(train.ids), len(train)),
-                                   attack=dataclasses.replace(measured.attack, trigger=trigger, source=cfg.corpus))
+        return PoisonedTask(train=train, flags=PoisonFlags(frozenset(train.ids), len(train)),
+                            target_label=cfg.target_label,
+                            triggered_test=triggered_test, triggered_dev=triggered_dev, clean=task,
+                            attack=AttackInfo(self.name, cfg.model_dump(mode="json"), trigger, cfg.corpus))
+
+    def _inserter(self) -> BadNets:
+        """The data side: one trigger word at a random word position (BadNets with one fixed word)."""
+        cfg = self.config
+        return BadNets(BadNetsConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label, mode=cfg.mode,
+                                     seed=cfg.seed, triggers=(cfg.trigger,), num_triggers=1))
 
     def _needs_clean_finetune(self, clf: Classifier) -> bool:
         if self.config.clean_finetune == "auto":
