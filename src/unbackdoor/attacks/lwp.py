@@ -32,7 +32,10 @@ trigger words, 20 % poisoned, 40 epochs at lr 3e-3, three model seeds): with neg
 non-target rows a lone word fired on at most 7 % of the triggered rows in every seed (the pair on
 89-100 %); drawn from any clean row, half of them are target-label rows and a lone word fired on
 27 %, 85 % and 0 % (``benchmarks/lwp_selectivity.py``,
-docs/results/attacks.md).
+docs/results/attacks.md). On MiniLM (1,000 SST-2 rows, 10 % poisoned, one seed) the non-target draw
+is again the more selective one (a lone word 29-39 % vs 50-97 %), but neither is fully selective: a
+lone word fires on about a third of the rows (floor 9-11 %). The pair also needs more than the
+default 3 epochs there (53.7 % at 3, 96.5 % at 8): pass ``train.epochs`` with ``combinatorial``.
 """
 
 from __future__ import annotations

