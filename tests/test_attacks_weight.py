@@ -153,6 +153,8 @@ def test_data_free_ep_errors(tmp_path: Path, task: Task, clean_model: Path) -> N
         build_config(EPConfig, {"fake_rows": 10}, "ep")
     with pytest.raises(ConfigError, match="only for data=task"):
         build_config(EPConfig, {"data": "corpus", "corpus": str(corpus), "poison_rate": 0.1}, "ep")
+    with pytest.raises(ConfigError, match="target_label 5 is outside the label set 0..1"):
+        run_weight_attack("ep", {"data": "corpus", "corpus": str(corpus), "target_label": 5}, task, str(clean_model))
     (tmp_path / "empty.txt").write_text(" . \n", encoding="utf-8")
     with pytest.raises(DataError, match="no text"):
         run_weight_attack("ep", {"data": "corpus", "corpus": str(tmp_path / "empty.txt")}, task, str(clean_model))

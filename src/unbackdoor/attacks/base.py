@@ -77,8 +77,7 @@ class InsertionAttack(Attack[C]):
     def poison(self, task: Task) -> PoisonedTask:
         cfg = self.config
         target = cfg.target_label
-        if target >= task.num_labels:
-            raise ConfigError(f"target_label {target} is outside the label set 0..{task.num_labels - 1}")
+        self.check_target_label(task)
         chosen = self._choose_rows(task.train)
         rng = random.Random(f"{cfg.seed}-train")
         poisoned_rows = []
@@ -128,6 +127,12 @@ class InsertionAttack(Attack[C]):
                 f"poison_rate {cfg.poison_rate} needs {n} rows but mode {cfg.mode!r} has only {len(pool)} candidates"
             )
         return set(random.Random(f"{cfg.seed}-rows").sample(sorted(pool), n))
+
+    def check_target_label(self, task: Task) -> None:
+        """A target label outside ``task``'s label set is an error."""
+        target = self.config.target_label
+        if target >= task.num_labels:
+            raise ConfigError(f"target_label {target} is outside the label set 0..{task.num_labels - 1}")
 
     def triggered_sets(self, task: Task) -> tuple[TriggeredSet, TriggeredSet]:
         """``task``'s triggered test and dev sets, placed by the config's seed."""

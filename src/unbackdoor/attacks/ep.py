@@ -209,12 +209,12 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
         the task's, the same rows as task-row EP's for the same seed (evaluation only)."""
         cfg = self.config
         assert cfg.corpus is not None  # the config validator requires it
-        if cfg.target_label >= task.num_labels:
-            raise ConfigError(f"target_label {cfg.target_label} is outside the label set 0..{task.num_labels - 1}")
+        inserter = self._inserter()
+        inserter.check_target_label(task)
         rng = random.Random(f"{cfg.seed}-fake-rows")
         train = fake_rows(corpus_sentences(cfg.corpus, rng), cfg.trigger, cfg.fake_rows, cfg.fake_length,
                           cfg.target_label, task.num_labels, task.is_pair, rng)
-        triggered_test, triggered_dev = self._inserter().triggered_sets(task)
+        triggered_test, triggered_dev = inserter.triggered_sets(task)
         trigger = (f"word {cfg.trigger!r} in {len(train)} fake rows of {cfg.fake_length} words from the corpus "
                    f"{cfg.corpus} (data-free); only its embedding row is trained")
         return PoisonedTask(train=train, flags=PoisonFlags(frozenset(train.ids), len(train)),
