@@ -73,6 +73,36 @@ def test_expansion_covers_every_cell_with_dependencies(tmp_path: Path, inputs: t
     assert all(ids.index(a) < ids.index(c.id) for c in cells for a in c.after)
 
 
+def test_an_attack_pairs_only_with_the_dataset_it_names(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """Published variants belong to one dataset: an attack naming its dataset is paired with it alone,
+    and the same attack label may then appear once per dataset."""
+    data = str(inputs[0])
+    attacks = [{"name": "badnets", "attack": "badnets"},
+               {"name": "addsent", "attack": "addsent", "dataset": "syn2"},
+               {"name": "mine", "attack": "badnets", "dataset": "syn"},
+               {"name": "mine", "attack": "addsent", "dataset": "syn2"}]
+    config = load_bench_config(write_grid(tmp_path / "grid.yaml", *inputs, defences=[], attacks=attacks,
+                                          datasets=[{"name": "syn", "data": data}, {"name": "syn2", "data": data}]))
+    victims = sorted(c.id for c in expand(config) if c.kind == "victim")
+    assert victims == ["syn/badnets/s0/none", "syn/mine/s0/none", "syn2/addsent/s0/none", "syn2/badnets/s0/none",
+                       "syn2/mine/s0/none"]
+    stray = write_grid(tmp_path / "stray.yaml", *inputs, attacks=[{"name": "a", "attack": "badnets", "dataset": "x"}])
+    with pytest.raises(ConfigError, match="attack dataset x is not among the datasets"):
+        load_bench_config(stray)
+    twice = write_grid(tmp_path / "twice.yaml", *inputs, attacks=[{"name": "a", "attack": "badnets"},
+                                                                  {"name": "a", "attack": "addsent", "dataset": "syn"}])
+    with pytest.raises(ConfigError, match="attack listed twice: a"):
+        load_bench_config(twice)
+
+
+def test_cli_bench_ends_with_the_summary_table(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
+    config = write_grid(tmp_path / "grid.yaml", *inputs, defences=[])
+    code, out, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)
+    assert code == 0, err
+    assert "| badnets | none (victim) |" in out and "| badnets | floor" in out  # the table of what ran
+    assert f"unbackdoor report {tmp_path / 'run'}" in out and "3 done" in out
+
+
 # ----------------------------------------------------------------------------- claims
 CLAIM_LOOP = """
 import sys, time

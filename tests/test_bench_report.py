@@ -145,6 +145,25 @@ def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
     assert md.index("floor (never poisoned)") < md.index("none (victim)") < md.index("| a | ft |")
 
 
+def test_one_seed_shows_no_spread(tmp_path: Path) -> None:
+    """With one seed there is no measured spread: the tables show the value alone, never "± 0.0"."""
+    from unbackdoor.bench.report import Stat, write_report
+
+    assert Stat.of([0.5]).text() == "50.0" and Stat.of([0.5]).std is None
+    assert Stat.of([0.5, 0.5]).text() == "50.0 ± 0.0"  # two equal seeds: a measured zero
+    store = Store(tmp_path)
+    store.add_cells([CellSpec(f"d/a/s0/{d}", kind, "d", "a", d, 0, {})
+                     for d, kind in (("none", "victim"), ("floor", "floor"))])
+    while (cell := store.claim()) is not None:
+        store.finish(cell, metrics={"cacc": 0.9, "asr": 0.5}, error=None, wall_s=1.0, peak_memory_mb=1.0,
+                     peak_memory_scope="cell", version="t", git_commit=None)
+    write_report(tmp_path, tmp_path / "out")
+    md = (tmp_path / "out" / "report.md").read_text(encoding="utf-8")
+    assert "| a | none (victim) | 90.0 | 50.0 | — | 50.0 | — | 1 |" in md and "±" not in md.split("## d")[1]
+    with (tmp_path / "out" / "summary.csv").open(encoding="utf-8") as fh:
+        assert all(row["cacc_std"] == "" for row in csv.DictReader(fh))
+
+
 def test_grid_time_sums_cells_and_takes_the_union_of_attempt_spans() -> None:
     from unbackdoor.bench.report import grid_time
 

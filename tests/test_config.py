@@ -18,5 +18,5 @@ def test_partial_nested_config_changes_only_the_given_keys() -> None:
 
 
 def test_unknown_nested_key_is_one_clear_error() -> None:
-    with pytest.raises(ConfigError, match=r"^params: train\.learning_rat: unknown key$"):
+    with pytest.raises(ConfigError, match=r"^params: train\.learning_rat: unknown key \(did you mean train\.learning_rate\?\)$"):
         build_config(FineMixingConfig, {"train": {"learning_rat": 1e-4}}, "params")

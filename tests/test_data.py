@@ -80,17 +80,18 @@ def test_tsv_sentence_pair_folder(tmp_path: Path) -> None:
 
 def test_csv_folder_with_quoting_and_id_column(tmp_path: Path) -> None:
     files = {
-        f"{s}.csv": f'id,text,label\n{s}-a,"hello, world",0\n{s}-b,"she said ""hi""",1\n{s}-c,plain,1\n'
+        f"{s}.csv": f'id,text,label\n{s}-a,"hello, {s}",0\n{s}-b,"she said ""{s}""",1\n{s}-c,plain {s},1\n'
         for s in SPLITS
     }
     loaded = load_task(write_files(tmp_path / "csv", files))
     assert loaded.train.ids == ["train-a", "train-b", "train-c"]  # the id column is kept
-    assert [e.text for e in loaded.test] == ["hello, world", 'she said "hi"', "plain"]
+    assert [e.text for e in loaded.test] == ["hello, test", 'she said "test"', "plain test"]
     assert loaded.dev.labels == [0, 1, 1]
 
 
 def test_tsv_id_column_kept(tmp_path: Path) -> None:
-    files = {f"{s}.tsv": tsv("r7\tgood film\t1", "x-2\tbad film\t0", header="id\tsentence\tlabel") for s in SPLITS}
+    files = {f"{s}.tsv": tsv(f"r7\tgood {s} film\t1", f"x-2\tbad {s} film\t0", header="id\tsentence\tlabel")
+             for s in SPLITS}
     loaded = load_task(write_files(tmp_path / "ids", files))
     assert loaded.train.ids == ["r7", "x-2"]
     assert loaded.train.labels == [1, 0]
@@ -108,13 +109,13 @@ def test_jsonl_folder_default_ids(tmp_path: Path) -> None:
 
 def test_jsonl_code_rows_with_func_and_idx(tmp_path: Path) -> None:
     func = "int f(int x)\n{\n\n  return x;\n}"
-    files = {f"{s}.jsonl": jsonl({"func": func, "label": 1, "idx": 10 + i},
-                                 {"func": "void g() {}", "label": 0, "idx": 20 + i})
+    files = {f"{s}.jsonl": jsonl({"func": func.replace("f(", f"f{i}("), "label": 1, "idx": 10 + i},
+                                 {"func": f"void g{i}() {{}}", "label": 0, "idx": 20 + i})
              for i, s in enumerate(SPLITS)}
     loaded = load_task(write_files(tmp_path / "code", files))
     assert loaded.train.ids == ["10", "20"]
     assert loaded.test.ids == ["12", "22"]
-    assert loaded.train.examples[0].text == func  # code text kept exactly, newlines included
+    assert loaded.train.examples[0].text == func.replace("f(", "f0(")  # code text kept exactly, newlines included
 
 
 def test_meta_label_names(tmp_path: Path) -> None:
@@ -126,7 +127,7 @@ def test_meta_label_names(tmp_path: Path) -> None:
 
 
 def test_num_labels_from_data(tmp_path: Path) -> None:
-    files = {f"{s}.tsv": tsv("a\t0", "b\t2", "c\t1") for s in SPLITS}
+    files = {f"{s}.tsv": tsv(f"a {s}\t0", f"b {s}\t2", f"c {s}\t1") for s in SPLITS}
     assert load_task(write_files(tmp_path / "three", files)).num_labels == 3
 
 
@@ -161,7 +162,7 @@ def test_huggingface_saved_dataset(tmp_path: Path) -> None:
 
 def test_huggingface_missing_path_is_a_data_error(tmp_path: Path) -> None:
     pytest.importorskip("datasets")
-    with pytest.raises(DataError, match="cannot load"):
+    with pytest.raises(DataError, match="no such saved dataset folder"):
         load_task("hf:" + str(tmp_path / "no-such-dataset"))
 
 

@@ -11,7 +11,7 @@ import pytest
 from synthetic import run_cli, save_tiny_model, write_task
 
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
-from unbackdoor.outputs import partial_dir
+from unbackdoor.outputs import OUTPUT_MARKER, partial_dir
 from unbackdoor.scan import SCAN_FILES, scan
 from unbackdoor.training import TrainConfig, train_classifier
 
@@ -89,7 +89,7 @@ def test_scan_cli_writes_json_markdown_csv_and_png(planted, tmp_path: Path, caps
                                      "--clean", str(data), "--clean-size", "100", "--top", "8", "--out", str(out)], capsys)
     assert code == 0, stderr
     assert "stands out:" in stdout and all(t in stdout for t in TRIGGERS)
-    assert sorted(p.name for p in out.iterdir()) == sorted(SCAN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*SCAN_FILES, OUTPUT_MARKER])
     assert not partial_dir(out).exists()
     record = json.loads((out / "scan.json").read_text(encoding="utf-8"))
     assert set(_tokens(record["top_tokens"][:4])) == TRIGGERS and len(record["top_tokens"]) == 8

@@ -14,7 +14,7 @@ import typer
 import yaml
 
 from unbackdoor import __version__
-from unbackdoor.config import build_config, read_yaml
+from unbackdoor.config import DuplicateKeyError, build_config, parse_yaml, read_yaml
 from unbackdoor.errors import ConfigError, UnbackdoorError
 
 app = typer.Typer(
@@ -64,7 +64,9 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
         if not sep or not key.strip():
             raise ConfigError(f"--param {item!r}: expected KEY=VALUE")
         try:
-            parsed = yaml.safe_load(value) if value else ""
+            parsed = parse_yaml(value) if value else ""
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"--param {key.strip()}: {exc}") from None
         except yaml.YAMLError:
             parsed = value
         _set_nested(params, key.strip().split("."), parsed)
@@ -404,10 +406,15 @@ def bench_cmd(
 ) -> None:
     """Run a benchmark grid as independent cells into RUN_DIR/results.sqlite; finished cells are skipped,
     interrupted ones resumed, failed ones recorded (exit status 1 when any failed)."""
-    from unbackdoor.bench.runner import run_bench
+    from unbackdoor.bench.config import load_bench_config
+    from unbackdoor.bench.report import summary_text
+    from unbackdoor.bench.runner import resolve_run_dir, run_bench
 
     counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None)
-    typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())))
+    run = resolve_run_dir(load_bench_config(config_file), run_dir)
+    typer.echo(summary_text(run), nl=False)
+    typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +
+               f". Store: {run / 'results.sqlite'}; full report: unbackdoor report {run}")
     if counts.get("failed"):
         sys.exit(1)
 
@@ -431,12 +438,17 @@ def _metrics_line(metrics: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def _one_line(message: str) -> str:
+    """An error message as the single line the CLI promises."""
+    return " ".join(part.strip() for part in message.splitlines() if part.strip())
+
+
 def main() -> None:
     """Entry point: run the app; bad input -> one ``error:`` line and exit 2."""
     try:
         app(standalone_mode=False)
     except UnbackdoorError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {_one_line(str(exc))}", err=True)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", None)
@@ -447,7 +459,7 @@ def main() -> None:
     except Exception as exc:
         # usage errors of the (vendored) click parser: unknown option, missing value, ...
         if callable(getattr(exc, "format_message", None)) and hasattr(exc, "exit_code"):
-            typer.echo(f"error: {exc.format_message()}", err=True)
+            typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(2)
         raise
 

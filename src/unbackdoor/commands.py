@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import Field
 
+from unbackdoor import __version__
+
 from unbackdoor.attacks.base import ATTACKS
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, build_weight_attack
 from unbackdoor.config import StrictConfig, build_config
@@ -26,14 +28,14 @@ from unbackdoor.data.io import (
     split_file,
     write_poisoned_task,
 )
-from unbackdoor.data.types import Dataset, PoisonedTask, Task
+from unbackdoor.data.types import Dataset, PoisonedTask, Task, require_several_labels
 from unbackdoor.defenses.base import PurifyInputs
 from unbackdoor.detect.command import training_rows
 from unbackdoor.errors import ConfigError, DataError, ModelError, UnbackdoorError
 from unbackdoor.evaluate import EvalResult, markdown_table
 from unbackdoor.models.loading import Classifier, check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
-from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
+from unbackdoor.outputs import atomic_output_dir, check_output_file, check_output_free, write_json
 from unbackdoor.pipeline import (
     CleanSetConfig,
     build_defence,
@@ -85,7 +87,7 @@ def run_attack(cmd: AttackCommand) -> PoisonedTask:
     if cmd.victim_out is not None:
         raise ConfigError(f"--victim-out is for weight attacks ({', '.join(WEIGHT_ATTACKS.names())}); "
                           f"{cmd.attack} only poisons data")
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data])
     task = load_task(cmd.data)
     poisoned = attack_task(task, cmd.attack, cmd.params)
     with atomic_output_dir(out, cmd.overwrite) as work:
@@ -106,8 +108,10 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     if Path(cmd.victim_out).resolve() == Path(cmd.out).resolve():
         raise ConfigError("--out (poisoned data) and --victim-out (victim model) must be different folders")
     attack = build_weight_attack(cmd.attack, cmd.params)  # fail before loading anything
-    out = check_output_free(cmd.out, cmd.overwrite)
-    victim_out = check_output_free(cmd.victim_out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
+    victim_out = check_output_free(cmd.victim_out, cmd.overwrite, inputs=[cmd.data, cmd.model])
+    if out.is_relative_to(victim_out) or victim_out.is_relative_to(out):
+        raise ConfigError("--out (poisoned data) and --victim-out (victim model) must not lie inside each other")
     task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
         clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
@@ -143,7 +147,7 @@ class TrainCommand(StrictConfig):
 
 
 def run_train(cmd: TrainCommand) -> dict[str, Any]:
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
     defence = build_train_defence(cmd.defense, cmd.defense_params, cmd.train)  # fail before loading anything
     seed = cmd.train.seed if cmd.train is not None else TrainConfig().seed
     data = load_any(cmd.data)
@@ -153,6 +157,7 @@ def run_train(cmd: TrainCommand) -> dict[str, Any]:
     else:
         data = subsample_task(data, cmd.max_train, seed)
         rows, dev = data.train, data.dev
+    require_several_labels(rows)
     clf = load_for_training(cmd.model, rows, TrainConfig(seed=seed), allow_pickle=cmd.allow_pickle,
                             max_length=cmd.max_length)
     inputs = TrainInputs(clf, rows, dev)
@@ -184,7 +189,7 @@ def _attack_summary(data: Task | PoisonedTask) -> dict[str, Any] | None:
 
 def _metric_summary(result: EvalResult) -> dict[str, Any]:
     keys = ("cacc", "macro_f1", "per_class_accuracy", "asr", "robust_accuracy", "clean_to_target", "target_label",
-            "n_clean", "n_triggered")
+            "n_clean", "n_triggered", "data_integrity")
     return {k: getattr(result, k) for k in keys if getattr(result, k) is not None}
 
 
@@ -205,16 +210,16 @@ class PurifyCommand(StrictConfig):
 
 
 def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
-
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.model, cmd.clean, cmd.base])
     epur = cmd.epur_params if cmd.epur else None
     build_defence(cmd.method, cmd.params, epur, have_base=cmd.base is not None)  # fail before loading anything
     clean_task = load_task(cmd.clean)
     clean = draw_clean_set(clean_task, cmd.clean_set)
-    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle)
+    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle,
+                              data_name=cmd.clean)
     base = None
     if cmd.base is not None:
-        base = load_classifier(cmd.base, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle,
+        base = load_classifier(cmd.base, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.clean,
                                max_length=suspect.max_length)
     inputs = PurifyInputs(suspect=suspect, clean=clean, base=base)
     watch = Stopwatch()
@@ -223,6 +228,7 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
         record = provenance_record(
             result.model, title=f"{cmd.model} purified with {cmd.method}", role="purified",
             base=cmd.base, suspect=cmd.model, data=data_reference(cmd.clean), n_clean=len(clean),
+            data_integrity=dict(clean_task.integrity),
             defense={"method": cmd.method, **result.report}, config=cmd.model_dump(),
             seed=cmd.clean_set.seed, wall_time_s=watch.elapsed(), peak_memory_mb=peak_memory_mb(),
         )
@@ -273,17 +279,20 @@ def load_forget_rows(spec: str, like: Dataset) -> Dataset:
 
 def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
     """Validate everything and load every input, then unlearn in a work dir renamed when complete."""
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite,
+                            inputs=[cmd.model, cmd.forget, cmd.retain, cmd.base, cmd.train_data, cmd.eval_data])
     build_unlearn_method(cmd.method, cmd.params, have_base=cmd.base is not None,
                          have_train_rows=cmd.train_data is not None)  # fail before loading anything
-    retain = draw_clean_set(load_task(cmd.retain), cmd.retain_set)
+    retain_task = load_task(cmd.retain)
+    retain = draw_clean_set(retain_task, cmd.retain_set)
     forget = load_forget_rows(cmd.forget, retain)
     train_rows = training_rows(cmd.train_data, cmd.max_train, cmd.train_seed) if cmd.train_data is not None else None
     eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
-    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle)
+    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle,
+                              data_name=cmd.retain)
     base = None
     if cmd.base is not None:
-        base = load_classifier(cmd.base, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle,
+        base = load_classifier(cmd.base, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.retain,
                                max_length=suspect.max_length)
     inputs = UnlearnInputs(suspect=suspect, forget=forget, retain=retain, base=base, train_rows=train_rows)
     watch = Stopwatch()
@@ -295,6 +304,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
             result.model, title=f"{cmd.model} unlearned with {cmd.method}", role="unlearned",
             base=cmd.base, suspect=cmd.model, forget=str(Path(cmd.forget).resolve()), n_forget=len(forget),
             data=data_reference(cmd.retain), n_retain=len(retain), defense={"method": cmd.method, **result.report},
+            data_integrity=dict(retain_task.integrity),
             config=cmd.model_dump(), seed=cmd.retain_set.seed, wall_time_s=wall, peak_memory_mb=peak_memory_mb(),
             eval_data=data_reference(cmd.eval_data) if cmd.eval_data else None, metrics=metrics,
         )
@@ -325,10 +335,11 @@ def run_scan(cmd: ScanCommand) -> dict[str, Any]:
     from unbackdoor.defenses.epur import EpurScoring
     from unbackdoor.scan import scan, write_scan_outputs
 
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.model, cmd.base, cmd.clean])
     scoring = build_config(EpurScoring, cmd.params, "scan params")
     clean = draw_clean_set(load_task(cmd.clean), cmd.clean_set) if cmd.clean is not None else None
-    suspect = load_classifier(cmd.model, num_labels=clean.num_labels if clean else None, allow_pickle=cmd.allow_pickle)
+    suspect = load_classifier(cmd.model, num_labels=clean.num_labels if clean else None, allow_pickle=cmd.allow_pickle,
+                              data_name=cmd.clean)
     base = load_classifier(cmd.base, num_labels=suspect.num_labels, allow_pickle=cmd.allow_pickle)
     try:
         check_same_architecture(suspect, base)
@@ -359,7 +370,7 @@ def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
     """Validate, then train every method on the same poisoned rows and record band errors."""
     from unbackdoor.musclelora.frequency import FrequencyConfig, analyze_frequency, build_methods, write_frequency_outputs
 
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
     config = build_config(FrequencyConfig, cmd.params, "frequency analysis params")
     build_methods(config)  # unknown methods or options fail here
     data = load_any(cmd.data)
@@ -392,19 +403,18 @@ def evaluate_model(model: str | Path, data: str, *, allow_pickle: bool = False,
     accuracy when poisoned): the core of ``unbackdoor eval``."""
     task = load_any(data)
     num_labels = (task.clean if isinstance(task, PoisonedTask) else task).num_labels
-    clf = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle, max_length=max_length)
+    clf = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle, max_length=max_length,
+                          data_name=str(data))
     return clf, evaluate_on(clf, task, name=str(model))
 
 
 def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
-    out = Path(cmd.out) if cmd.out else None
-    if out is not None and out.exists() and (out.is_dir() or not cmd.overwrite):
-        raise UnbackdoorError(f"{out}: already exists; choose another --out or pass --overwrite")
+    out = check_output_file(cmd.out, cmd.overwrite) if cmd.out is not None else None
     clf, result = evaluate_model(cmd.model, cmd.data, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
     table = markdown_table([(cmd.model, result)])
     if out is not None:
         produced_by = {k: clf.provenance.get(k) for k in ("role", "base", "data", "attack", "defense", "seed",
                                                           "unbackdoor_version") if k in clf.provenance}
-        write_json(out, {"config": cmd.model_dump(), "data": data_reference(cmd.data), "model_record": produced_by,
+        write_json(out, {"unbackdoor_version": __version__, "config": cmd.model_dump(), "data": data_reference(cmd.data), "model_record": produced_by,
                          "input_format": clf.input_format(), **result.to_dict()})
     return result, table

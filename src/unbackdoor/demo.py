@@ -53,7 +53,7 @@ class DemoCommand(StrictConfig):
 
 def run_demo(cmd: DemoCommand) -> dict[str, Any]:
     """Run the demo; return its record (table, metrics, timings)."""
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.base])
     watch = Stopwatch()
     full = load_task(cmd.data)
     task = subsample_task(full, cmd.max_train, cmd.victim.seed)

@@ -19,3 +19,11 @@ class ModelError(UnbackdoorError):
 
 class UnsafeWeightsError(ModelError):
     """A model directory holds only pickle weights and pickle loading was not allowed."""
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first non-empty line of an exception's message, shortened to ``limit`` characters: what a
+    one-line error may quote of a library's (often many-line) message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] if lines else type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"

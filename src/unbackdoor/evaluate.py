@@ -103,6 +103,7 @@ class EvalResult:
     n_triggered: int | None = None
     target_label: int | None = None
     clean_to_target: float | None = None
+    data_integrity: dict[str, Any] | None = None  # the task's split overlaps and what was done about them
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)

@@ -17,7 +17,7 @@ from unbackdoor.attacks.base import ATTACKS
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.io import load_any
 from unbackdoor.data.sampling import sample_subset
-from unbackdoor.data.types import Dataset, PoisonedTask, PoisonFlags, Task
+from unbackdoor.data.types import Dataset, PoisonedTask, PoisonFlags, Task, require_several_labels
 from unbackdoor.errors import ConfigError
 from unbackdoor.defenses.base import PURIFY_DEFENSES, DefenseResult, PurifyDefense, PurifyInputs
 from unbackdoor.defenses.epur import EpurConfig, apply_epur
@@ -61,7 +61,8 @@ def load_for_training(
     max_length: int | None = None,
 ) -> Classifier:
     """Load ``base`` (a new seeded head if it has none) and check it can train on ``train``."""
-    clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle,
+    require_several_labels(train)
+    clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle, data_name=train.name,
                           max_length=max_length, seed=config.seed)
     check_trainable(clf, train)
     return clf
@@ -85,9 +86,11 @@ def fit(
 
 def evaluate_on(clf: Classifier, data: Task | PoisonedTask, name: str = "") -> EvalResult:
     """CACC on the clean test split; ASR too when ``data`` is poisoned."""
-    if isinstance(data, PoisonedTask):
-        return evaluate_classifier(clf, data.clean.test, data.triggered_test, name=name)
-    return evaluate_classifier(clf, data.test, name=name)
+    task = data.clean if isinstance(data, PoisonedTask) else data
+    triggered = data.triggered_test if isinstance(data, PoisonedTask) else None
+    result = evaluate_classifier(clf, task.test, triggered, name=name)
+    result.data_integrity = dict(task.integrity) or None
+    return result
 
 
 def build_defence(method: str, params: dict[str, Any], epur: dict[str, Any] | None = None,

@@ -85,6 +85,7 @@ def load_start_model(model: str, task: Task, seed: int, *, max_length: int | Non
                      allow_pickle: bool) -> Classifier:
     """The starting classifier (a base gets a new head seeded by ``seed``), checked against ``task``."""
     clf = load_classifier(model, num_labels=task.num_labels, allow_pickle=allow_pickle, max_length=max_length,
+                          data_name=task.name,
                           seed=seed)
     check_trainable(clf, task.train)
     return clf

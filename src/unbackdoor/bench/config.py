@@ -40,6 +40,12 @@ class AttackSpec(StrictConfig):
     variant: str | None = Field(None, description="published poisoned variant under each dataset's data root "
                                 "folder, e.g. synbkd_hiddenkiller_p20 (sst2 -> sst2/synbkd_hiddenkiller_p20)")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters; seed defaults to the cell's")
+    dataset: str | None = Field(None, description="the one dataset (a name under datasets) this attack belongs to, "
+                                "e.g. a published variant of that dataset; default: every dataset")
+
+    def applies_to(self, dataset: DatasetSpec) -> bool:
+        """Whether the grid pairs this attack with ``dataset``."""
+        return self.dataset is None or self.dataset == dataset.name
 
     @model_validator(mode="after")
     def _one_source(self) -> AttackSpec:
@@ -96,7 +102,7 @@ class BenchConfig(StrictConfig):
     max_train: int | None = Field(None, ge=2, description="subsample training rows (seeded by the cell's seed)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
     train: dict[str, Any] = Field(default_factory=dict, description="victim / floor training settings "
-                                  "(TrainConfig keys; seed is the cell's)")
+                                  "(TrainConfig keys; seed is the cell's)", json_schema_extra={"keys_of": TrainConfig})
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     datasets: list[DatasetSpec] = Field(min_length=1)
     attacks: list[AttackSpec] = Field(min_length=1)
@@ -104,11 +110,16 @@ class BenchConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BenchConfig:
-        for what, labels in (("dataset", [d.name for d in self.datasets]), ("attack", [a.name for a in self.attacks]),
+        per_dataset = [f"{a.name} (dataset {d.name})" for d in self.datasets for a in self.attacks if a.applies_to(d)]
+        for what, labels in (("dataset", [d.name for d in self.datasets]), ("attack", per_dataset),
                              ("defence", [d.name for d in self.defences]), ("seed", self.seeds)):
             dupes = sorted({str(x) for x in labels if labels.count(x) > 1})
             if dupes:
                 raise ValueError(f"{what} listed twice: {', '.join(dupes)}")
+        names = {d.name for d in self.datasets}
+        strays = sorted({a.dataset for a in self.attacks if a.dataset is not None} - names)
+        if strays:
+            raise ValueError(f"attack dataset {', '.join(strays)} is not among the datasets ({', '.join(sorted(names))})")
         reserved = sorted({d.name for d in self.defences} & RESERVED_DEFENCES)
         if reserved:
             raise ValueError(f"defence names {', '.join(reserved)} are reserved (none = the victim, floor = never "
@@ -198,7 +209,7 @@ def check_datasets(config: BenchConfig) -> None:
         except DataError as exc:
             raise ConfigError(f"dataset {dataset.name}: {exc}") from None
         for attack in config.attacks:
-            if attack.variant is None:
+            if attack.variant is None or not attack.applies_to(dataset):
                 continue
             folder = Path(variant_spec(dataset, attack))
             if not folder.is_dir() or not is_poisoned_folder(folder):

@@ -23,7 +23,7 @@ from typing import Any
 from unbackdoor.bench.store import METRICS, STORE_FILE, Store
 from unbackdoor.errors import UnbackdoorError
 from unbackdoor.evaluate import recorded_clean_to_target
-from unbackdoor.outputs import atomic_output_dir, write_json
+from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
 
 VICTIM, FLOOR = "none", "floor"
 DETECTION_METRICS = ("precision", "recall", "auroc")
@@ -34,7 +34,8 @@ CELL_COLUMNS = ("id", "kind", "dataset", "attack", "defence", "seed", "status", 
 
 @dataclass(frozen=True)
 class Stat:
-    """Mean, sample standard deviation (0 for one value) and count of one metric over seeds."""
+    """Mean, sample standard deviation (``None`` for one value: no spread was measured) and count of one
+    metric over seeds."""
 
     mean: float | None
     std: float | None
@@ -45,13 +46,13 @@ class Stat:
         vals = [v for v in values if v is not None]
         if not vals:
             return cls(None, None, 0)
-        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0, len(vals))
+        return cls(statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else None, len(vals))
 
     def text(self) -> str:
-        """``91.2 ± 0.4`` in percent, or ``—``."""
+        """``91.2 ± 0.4`` in percent (``91.2`` from one value), or ``—``."""
         if self.mean is None:
             return "—"
-        return f"{100 * self.mean:.1f} ± {100 * (self.std or 0):.1f}"
+        return f"{100 * self.mean:.1f}" + ("" if self.std is None else f" ± {100 * self.std:.1f}")
 
 
 @dataclass(frozen=True)
@@ -188,7 +189,9 @@ def detection_table(rows: Sequence[Row]) -> str:
 
 
 def _auroc_text(stat: Stat) -> str:
-    return "—" if stat.mean is None else f"{stat.mean:.3f} ± {stat.std or 0:.3f}"
+    if stat.mean is None:
+        return "—"
+    return f"{stat.mean:.3f}" + ("" if stat.std is None else f" ± {stat.std:.3f}")
 
 
 def failed_lines(cells: Sequence[dict[str, Any]]) -> list[str]:
@@ -338,6 +341,15 @@ def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, byt
 
 
 # ----------------------------------------------------------------------------- the report
+def summary_text(run_dir: str | Path) -> str:
+    """The per-dataset tables of a run's finished cells (what ``bench`` prints when it ends)."""
+    rows = summarise(Store(Path(run_dir)).cells())
+    parts = []
+    for dataset in dict.fromkeys(r.dataset for r in rows):
+        parts += [f"{dataset}:", markdown_table([r for r in rows if r.dataset == dataset])]
+    return "\n".join(parts)
+
+
 def write_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """Write every report file of ``run_dir``'s store into ``out`` (default RUN_DIR/report), replacing
     an earlier report there only once the new one is complete."""
@@ -345,6 +357,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None) -> dict[str
     if not (run / STORE_FILE).is_file():
         raise UnbackdoorError(f"{run}: no {STORE_FILE} (not a bench run dir)")
     final = Path(out) if out is not None else run / "report"
+    check_output_free(final, overwrite=True, inputs=[run / STORE_FILE])
     with atomic_output_dir(final, overwrite=True) as target:
         return _write_report_files(run, target, final)
 

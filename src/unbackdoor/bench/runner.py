@@ -84,7 +84,8 @@ def expand(config: BenchConfig) -> list[CellSpec]:
             floor_model = floor_model_id(ds.name, seed)
             cells.append(CellSpec(floor_model, "floor-model", ds.name, "", "floor-model", seed, common))
             for attack in config.attacks:
-                cells.extend(_attack_cells(config, common, ds, attack, seed, floor_model))
+                if attack.applies_to(ds):
+                    cells.extend(_attack_cells(config, common, ds, attack, seed, floor_model))
     return cells
 
 
@@ -396,7 +397,7 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if unknown:
         raise ConfigError(f"--seed {', '.join(map(str, unknown))}: not among the config's seeds "
                           f"({', '.join(map(str, config.seeds))})")
-    run = Path(run_dir) if run_dir is not None else Path("runs") / "bench" / config.name
+    run = resolve_run_dir(config, run_dir)
     cells = expand(config)
     store = Store(run)
     changed = store.add_cells(cells)
@@ -413,6 +414,11 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if lost:
         logger.warning("%d finished cells whose model folder is gone are run again: %s", len(lost), ", ".join(lost))
     return run, store
+
+
+def resolve_run_dir(config: BenchConfig, run_dir: str | Path | None) -> Path:
+    """The run folder: ``run_dir``, else ``runs/bench/NAME``."""
+    return Path(run_dir) if run_dir is not None else Path("runs") / "bench" / config.name
 
 
 def requeue_lost_models(run: Path, store: Store) -> list[str]:

@@ -36,7 +36,9 @@ from unbackdoor.data.types import (
     Task,
     TriggeredSet,
 )
-from unbackdoor.errors import DataError
+from unbackdoor.data.sampling import separate_dev_from_test
+from unbackdoor.errors import DataError, first_line
+from unbackdoor.utils.hub import hub_unreachable_reason, offline_variable
 
 SPLITS = ("train", "dev", "test")
 FORMATS = (".tsv", ".csv", ".jsonl")
@@ -118,24 +120,32 @@ def read_rows(path: Path) -> list[Row]:
     try:
         if path.suffix == ".jsonl":
             return _read_jsonl(path)
-        delimiter = "\t" if path.suffix == ".tsv" else ","
-        with path.open(encoding="utf-8-sig", newline="") as fh:
-            quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-            reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
-            if reader.fieldnames is None:
-                raise DataError(f"{path}: empty file (no header)")
-            rows = []
-            for n, row in enumerate(reader, start=2):
-                if None in row or any(v is None for v in row.values()):
-                    raise DataError(f"{path}:{n}: wrong number of columns")
-                rows.append(row)
-            return rows
+        return _read_delimited(path, "\t" if path.suffix == ".tsv" else ",")
     except UnicodeDecodeError as exc:
         raise DataError(f"{path}: not UTF-8 text ({exc.reason})") from exc
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from exc
-    except csv.Error as exc:
-        raise DataError(f"{path}: malformed file ({exc})") from exc
+
+
+def _read_delimited(path: Path, delimiter: str) -> list[Row]:
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        reader = csv.DictReader(fh, delimiter=delimiter, quoting=quoting)
+        rows = []
+        try:
+            if reader.fieldnames is None:
+                raise DataError(f"{path}: empty file (no header)")
+            for row in reader:
+                if None in row or any(v is None for v in row.values()):
+                    raise DataError(f"{path}:{reader.line_num}: wrong number of columns")
+                rows.append(row)
+        except csv.Error as exc:
+            line = reader.line_num + 1  # the row being read when the parser gave up
+            if "field larger than field limit" in str(exc):
+                raise DataError(f"{path}:{line}: a field is longer than {csv.field_size_limit():,} characters "
+                                "(a missing line break or quote?)") from None
+            raise DataError(f"{path}:{line}: malformed file ({exc})") from None
+        return rows
 
 
 def _read_jsonl(path: Path) -> list[Row]:
@@ -195,23 +205,44 @@ def rows_to_examples(rows: list[Row], path: Path, split: str) -> list[Example]:
     return examples
 
 
-def _label_space(folder: Path, meta: dict[str, Any], splits: dict[str, list[Example]]) -> tuple[int, tuple[str, ...] | None]:
+def _label_space(folder: Path, meta: dict[str, Any], splits: dict[str, list[Example]],
+                 files: dict[str, Path] | None = None) -> tuple[int, tuple[str, ...] | None]:
+    """The task's labels: ``meta.json``'s names, else 0..K-1 as used, which must leave no gap."""
     names = meta.get("label_names") or meta.get("labels")
     if isinstance(names, dict):  # {"0": "negative", ...}
         try:
             names = [names[str(i)] for i in range(len(names))]
         except KeyError as exc:
             raise DataError(f"{folder}/meta.json: label_names keys must be 0..n-1") from exc
-    max_label = max(e.label for exs in splits.values() for e in exs)
-    if min(e.label for exs in splits.values() for e in exs) < 0:
-        raise DataError(f"{folder}: negative label")
+    used = {e.label for exs in splits.values() for e in exs}
+    where = {split: (files or {}).get(split, folder) for split in splits}
+    if min(used) < 0:
+        split = next(s for s, exs in splits.items() if any(e.label < 0 for e in exs))
+        raise DataError(f"{where[split]}: negative label")
+    max_label = max(used)
     if names:
         if max_label >= len(names):
             raise DataError(
                 f"{folder}: label {max_label} does not match the {len(names)} classes in meta.json"
             )
         return len(names), tuple(str(n) for n in names)
+    missing = sorted(set(range(max_label + 1)) - used)
+    if missing:
+        split = next(s for s, exs in splits.items() if any(e.label == max_label for e in exs))
+        raise DataError(f"{where[split]}: labels {_ranges(sorted(used))} leave out {_ranges(missing)}; labels must "
+                        "be 0..K-1 without gaps (or named in meta.json's label_names)")
     return max(max_label + 1, 2), None
+
+
+def _ranges(values: list[int]) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``0-2, 5, 7-8``."""
+    parts: list[tuple[int, int]] = []
+    for v in values:
+        if parts and parts[-1][1] == v - 1:
+            parts[-1] = (parts[-1][0], v)
+        else:
+            parts.append((v, v))
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in parts)
 
 
 # ----------------------------------------------------------------------------- loading tasks
@@ -232,13 +263,14 @@ def load_task(spec: str | Path) -> Task:
 
 def _load_folder(folder: Path, name: str, meta: dict[str, Any] | None = None) -> Task:
     meta = read_meta(folder) if meta is None else meta
-    raw = {s: rows_to_examples(read_rows(split_file(folder, s)), split_file(folder, s), s) for s in SPLITS}
-    num_labels, names = _label_space(folder, meta, raw)
+    files = {s: split_file(folder, s) for s in SPLITS}
+    raw = {s: rows_to_examples(read_rows(files[s]), files[s], s) for s in SPLITS}
+    num_labels, names = _label_space(folder, meta, raw, files)
     splits = {s: Dataset(tuple(raw[s]), num_labels, f"{name}:{s}", names) for s in SPLITS}
     pair = {s: d.is_pair for s, d in splits.items()}
     if len(set(pair.values())) > 1:
         raise DataError(f"{folder}: some splits are sentence pairs and some are not")
-    return Task(name, splits["train"], splits["dev"], splits["test"])
+    return separate_dev_from_test(Task(name, splits["train"], splits["dev"], splits["test"]))
 
 
 def load_hf_task(name: str) -> Task:
@@ -247,13 +279,21 @@ def load_hf_task(name: str) -> Task:
         import datasets  # optional dependency: pip install 'unbackdoor[hf]'
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise DataError("Hugging Face datasets need the 'datasets' package: pip install 'unbackdoor[hf]'") from exc
+    if not Path(name).is_dir() and (name.count("/") > 1 or name.startswith((".", "/", "~"))):
+        raise DataError(f"hf:{name}: no such saved dataset folder (and not a Hub name)")
+    offline = None if Path(name).is_dir() else hub_unreachable_reason()
+    if offline is not None and offline_variable() is None:  # unreachable: fail now (with a variable, read the cache)
+        raise DataError(f"hf:{name}: not a dataset saved to disk, and the Hugging Face Hub cannot be used now "
+                        f"({offline}; set HF_DATASETS_OFFLINE=1 to read the local cache)")
     try:
         if Path(name).is_dir():
             dd = datasets.load_from_disk(name)
         else:
             dd = datasets.load_dataset(name)
     except Exception as exc:  # noqa: BLE001 - the library raises many types; report one line
-        raise DataError(f"hf:{name}: cannot load ({type(exc).__name__}: {exc})") from exc
+        if offline is not None:
+            raise DataError(f"hf:{name}: not a dataset saved to disk nor in the local cache ({offline})") from None
+        raise DataError(f"hf:{name}: cannot load ({type(exc).__name__}: {first_line(exc)})") from None
     aliases = {"train": ("train",), "dev": ("validation", "dev", "valid"), "test": ("test",)}
     raw: dict[str, list[Example]] = {}
     for split, keys in aliases.items():
@@ -267,7 +307,7 @@ def load_hf_task(name: str) -> Task:
         meta["label_names"] = list(feature.names)
     num_labels, names = _label_space(Path(name), meta, raw)
     splits = {s: Dataset(tuple(raw[s]), num_labels, f"{name}:{s}", names) for s in SPLITS}
-    return Task(name, splits["train"], splits["dev"], splits["test"])
+    return separate_dev_from_test(Task(name, splits["train"], splits["dev"], splits["test"]))
 
 
 def _read_flags(folder: Path, n_rows: int) -> list[bool]:
@@ -286,17 +326,33 @@ def _read_flags(folder: Path, n_rows: int) -> list[bool]:
 
 
 def _triggered(folder: Path, split: str, target: int, task: Task) -> TriggeredSet:
+    """A poisoned folder's triggered split; a bad row is named by its file and line."""
     path = split_file(folder, split)
     rows = read_rows(path)
     examples = rows_to_examples(rows, path, f"triggered-{split}")
     originals: list[int | None] = []
-    for row in rows:
+    for n, (row, example) in enumerate(zip(rows, examples, strict=True)):
+        where = f"{path}:{n + 2 if path.suffix != '.jsonl' else n + 1}"
         value = row.get("original_label")
-        originals.append(_parse_label(value, str(path)) if value not in (None, "") else None)
+        original = _parse_label(value, where) if value not in (None, "") else None
+        _check_triggered_row(where, example.label, original, target, task.num_labels)
+        originals.append(original)
     if task.num_labels == 2:  # binary: the true label of a triggered non-target row is recoverable
         other = 1 - target
         originals = [other if y is None else y for y in originals]
     return TriggeredSet(tuple(examples), target, task.num_labels, tuple(originals), f"{task.name}:triggered-{split}")
+
+
+def _check_triggered_row(where: str, label: int, original: int | None, target: int, num_labels: int) -> None:
+    """A triggered row is labelled with the target and comes from a non-target input."""
+    if not 0 <= label < num_labels:
+        raise DataError(f"{where}: label {label} is outside 0..{num_labels - 1}")
+    if label != target:
+        raise DataError(f"{where}: a triggered row must be labelled with the target {target}, not {label}")
+    if original is not None and original == target:
+        raise DataError(f"{where}: original_label {original} is the target: the ASR set holds non-target inputs only")
+    if original is not None and not 0 <= original < num_labels:
+        raise DataError(f"{where}: original_label {original} is outside 0..{num_labels - 1}")
 
 
 def load_poisoned_task(spec: str | Path, clean: str | Path | None = None) -> PoisonedTask:

@@ -6,8 +6,15 @@ import math
 import random
 from collections.abc import Iterable
 
-from unbackdoor.data.types import Dataset, Example
+import dataclasses
+import logging
+
+from unbackdoor.data.types import Dataset, Example, Task
 from unbackdoor.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+CARVED_DEV_SHARE = 0.1  # a dev split carved out of train takes this share of it (at most the old dev's size)
+CARVED_DEV_SEED = 0  # fixed: the task's splits must not depend on a run's seed
 
 
 def normalise_text(example: Example) -> str:
@@ -98,3 +105,43 @@ def holdout_split(data: Dataset, fraction: float = 0.2, seed: int = 0) -> tuple[
             raise DataError(f"{data.name}: every label has a single row; nothing can be held out")
         held.add(rng.choice(sorted(spare)))
     return data.without(held, f"{data.name}[fit]"), data.select(held, f"{data.name}[select]")
+
+
+def overlap_count(rows: Dataset, other: Dataset) -> int:
+    """How many of ``rows`` repeat a text of ``other`` (case and spacing ignored)."""
+    seen = {normalise_text(e) for e in other.examples}
+    return sum(normalise_text(e) in seen for e in rows.examples)
+
+
+def separate_dev_from_test(task: Task) -> Task:
+    """The task with a dev split that shares no text with test, so that selecting on dev never
+    selects on test; the overlaps and what was done go to ``task.integrity`` (and one warning line).
+
+    Dev rows that repeat a test row are dropped; when that would leave less than half of dev (HSOL
+    as released has dev = test), a dev split is carved out of train instead: a seeded, stratified
+    :data:`CARVED_DEV_SHARE` of it, disjoint from test, removed from train. Train rows that repeat
+    test rows are only counted (duplicates in the released data)."""
+    test_texts = {normalise_text(e) for e in task.test.examples}
+    dev_in_test = [e.id for e in task.dev.examples if normalise_text(e) in test_texts]
+    integrity = {"dev_rows_in_test": len(dev_in_test), "train_rows_in_test": overlap_count(task.train, task.test),
+                 "train_rows_in_dev": overlap_count(task.train, task.dev), "dev": "as released"}
+    train, dev = task.train, task.dev
+    if dev_in_test and len(dev_in_test) <= len(task.dev) / 2:
+        dev = task.dev.without(dev_in_test, task.dev.name)
+        integrity["dev"] = f"released dev less the {len(dev_in_test)} of its {len(task.dev)} rows that repeat test rows"
+    elif dev_in_test:
+        size = min(len(task.dev), max(2 * task.num_labels, round(CARVED_DEV_SHARE * len(task.train))))
+        try:
+            dev = sample_subset(task.train, size=size, seed=CARVED_DEV_SEED, exclude=[task.test],
+                                name=f"{task.name}:dev (carved from train)")
+        except DataError:
+            raise DataError(f"{task.name}: {len(dev_in_test)} of the {len(task.dev)} dev rows repeat test rows, and "
+                            "train has too few other rows to carve a dev split from; selecting on this dev would "
+                            "select on the test set: give a dev split disjoint from test") from None
+        train = task.train.without(dev.ids, task.train.name)
+        integrity["dev"] = (f"{len(dev)} rows carved from train (seed {CARVED_DEV_SEED}, disjoint from test), "
+                            f"because {len(dev_in_test)} of the {len(task.dev)} released dev rows repeat test rows")
+    if dev_in_test:
+        logger.warning("%s: selection uses %s", task.name, integrity["dev"])
+    return dataclasses.replace(task, train=train, dev=dev, integrity=integrity)
+

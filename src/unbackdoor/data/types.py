@@ -107,6 +107,17 @@ class Dataset:
         return self.replace((e for e in self.examples if e.id not in drop), name)
 
 
+def require_several_labels(data: Dataset, role: str = "training rows") -> Dataset:
+    """Training needs rows of at least two labels: on one label a classifier learns a constant and
+    its clean accuracy means nothing."""
+    present = sorted({e.label for e in data.examples})
+    if len(present) < 2:
+        label = present[0] if present else None
+        raise DataError(f"{data.name}: every one of the {len(data)} {role} has label {label}; training needs rows "
+                        "of at least two labels")
+    return data
+
+
 @dataclass(frozen=True)
 class Task:
     """A clean classification task: train, dev and test splits over one label space."""
@@ -115,6 +126,7 @@ class Task:
     train: Dataset
     dev: Dataset
     test: Dataset
+    integrity: Mapping[str, Any] = field(default_factory=dict)  # split overlaps and what was done about them
 
     @property
     def num_labels(self) -> int:

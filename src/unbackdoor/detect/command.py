@@ -105,14 +105,14 @@ def clean_set(task: Task, draw: CleanDraw) -> Dataset:
 
 def run_detect(cmd: DetectCommand) -> dict[str, Any]:
     """Validate everything, load rows, clean set and encoder, detect, write the output folder."""
-    out = check_output_free(cmd.out, cmd.overwrite)
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.clean, cmd.model])
     detector = build_detector(cmd.method, cmd.params)
     rule = flag_rule(cmd.rate, cmd.threshold)
     rows = training_rows(cmd.data, cmd.max_train, cmd.clean_set.seed)
     clean = clean_set(load_task(cmd.clean), cmd.clean_set)
     if clean.num_labels != rows.num_labels:
         raise DataError(f"--clean {cmd.clean} has {clean.num_labels} labels but --data {cmd.data} has {rows.num_labels}")
-    encoder = load_classifier(cmd.model, num_labels=rows.num_labels, allow_pickle=cmd.allow_pickle,
+    encoder = load_classifier(cmd.model, num_labels=rows.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.data,
                               max_length=cmd.max_length)
     inputs = DetectInputs(rows, clean, encoder)
     watch = Stopwatch()
