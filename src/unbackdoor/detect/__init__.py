@@ -1,33 +1,50 @@
-"""Poisoned-row detection for a training set (``unbackdoor detect``), and the ``reweight`` training
-defence built on it.
+"""Poisoned-row detection for a training set (``unbackdoor detect``), and the ``reweight`` and ``abl``
+training defences built on it.
 
 * :mod:`.base`: the contract (:class:`DetectInputs` without flags, :class:`Detector`,
   :class:`FlagRule`, the :data:`DETECTORS` registry);
 * :mod:`.features`: frozen, pooled encoder features computed once;
 * :mod:`.reweight`: per-row weights by multilevel (bi-/trilevel) optimisation (spec ``multilevel.md``);
 * :mod:`.loss`: per-row loss of a briefly trained head (baseline);
+* the field's filters, each on a copy of the encoder fine-tuned on the rows (:mod:`.finetuned`):
+  :mod:`.bki` (Backdoor Keyword Identification), :mod:`.cube` (CUBE: minority clusters of a label),
+  :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
 * :mod:`.defense`: ``unbackdoor train --defense reweight``;
+* :mod:`.abl`: ``unbackdoor train --defense abl`` (Anti-Backdoor Learning: isolation, then unlearning);
 * :mod:`.command`: the ``detect`` command and its output folder.
 
-Importing this package registers the ``reweight`` and ``loss`` detectors and the ``reweight``
-training defence.
+Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube`` and ``isolation``
+detectors and the ``reweight`` and ``abl`` training defences.
 """
 
+from unbackdoor.detect.abl import AblConfig, AblDefense
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
+from unbackdoor.detect.bki import BkiConfig, BkiDetector
+from unbackdoor.detect.cube import CubeConfig, CubeDetector
 from unbackdoor.detect.defense import ReweightDefense, ReweightDefenseConfig
 from unbackdoor.detect.features import FeatureData, feature_data, sentence_features, standardise
+from unbackdoor.detect.isolation import IsolationConfig, IsolationDetector, LocalGradientAscent, isolate
 from unbackdoor.detect.loss import LossConfig, LossDetector
 from unbackdoor.detect.metrics import auroc, detection_metrics, scores_file_metrics
 from unbackdoor.detect.reweight import ReweightConfig, ReweightDetector, build_levels, learn_weights
 
 __all__ = [
+    "AblConfig",
+    "AblDefense",
+    "BkiConfig",
+    "BkiDetector",
+    "CubeConfig",
+    "CubeDetector",
     "DETECTORS",
     "DetectInputs",
     "Detection",
     "Detector",
     "FeatureData",
     "FlagRule",
+    "IsolationConfig",
+    "IsolationDetector",
+    "LocalGradientAscent",
     "LossConfig",
     "LossDetector",
     "ReweightConfig",
@@ -40,6 +57,7 @@ __all__ = [
     "detection_metrics",
     "feature_data",
     "flag_indices",
+    "isolate",
     "learn_weights",
     "scores_file_metrics",
     "sentence_features",
