@@ -1,10 +1,11 @@
-"""Training throughput and peak memory: unbackdoor's loop vs. a plain Hugging Face ``Trainer``.
+"""Training and prediction throughput, peak memory: unbackdoor's loop (fp32 and bf16 autocast) vs. a
+plain Hugging Face ``Trainer`` in its default fp32.
 
-Same model (the default all-MiniLM-L6-v2 + new head), same SST-2 rows, same batch size, one
-epoch each; each side runs in its own process so peak memory is its own. Prints both rows and
-the ratio.
+Same model (the default all-MiniLM-L6-v2 + new head), same SST-2 rows, same batch size, one epoch
+each; every run in its own process so peak memory is its own. Prints the rows, the ratios and the
+share of the two cores' peak the loop reaches.
 
-    python benchmarks/train_throughput.py [--rows 1024] [--batch-size 32] [--max-length 128]
+    python benchmarks/train_throughput.py [--rows 1024] [--batch-size 32] [--max-length 128] [--threads 2]
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+NON_EMBEDDING_PARAMS = 10.6e6  # all-MiniLM-L6-v2 without its word embeddings (the issue's physical bound)
+# peak of one Zen 4 core at ~3 GHz: 2 x 512-bit FMA pipes = 32 fp32 (64 bf16 via avx512_bf16) FLOP/cycle
+PEAK_GFLOPS_PER_CORE = {"fp32": 32 * 3.0, "bf16": 64 * 3.0}
+
 
 def _rows(n: int):  # noqa: ANN202
     from unbackdoor.data import load_task, sample_subset
 
     return sample_subset(load_task("sst2").train, size=n, seed=0)
+
+
+def _tokens(clf, data) -> int:  # noqa: ANN001
+    return sum(len(ids) for ids in clf.tokenizer([e.text for e in data], truncation=True,
+                                                 max_length=clf.max_length)["input_ids"])
 
 
 def run_ours(args: argparse.Namespace) -> dict:
@@ -31,13 +41,13 @@ def run_ours(args: argparse.Namespace) -> dict:
     from unbackdoor.utils.resources import peak_memory_mb
 
     data = _rows(args.rows)
-    clf = load_classifier(None, num_labels=2, max_length=args.max_length)
+    clf = load_classifier(None, num_labels=2, max_length=args.max_length, precision=args.precision)
     config = TrainConfig(epochs=1, batch_size=args.batch_size, learning_rate=1e-4, progress=False)
     start = time.perf_counter()
     train_classifier(clf, data, config)
     wall = time.perf_counter() - start
-    return {"impl": "unbackdoor", "rows": len(data), "wall_s": wall, "examples_per_s": len(data) / wall,
-            "peak_memory_mb": peak_memory_mb()}
+    return {"impl": f"unbackdoor {clf.precision}", "precision": clf.precision, "rows": len(data), "wall_s": wall,
+            "examples_per_s": len(data) / wall, "tokens": _tokens(clf, data), "peak_memory_mb": peak_memory_mb()}
 
 
 def run_hf(args: argparse.Namespace) -> dict:
@@ -50,7 +60,7 @@ def run_hf(args: argparse.Namespace) -> dict:
     from unbackdoor.utils.resources import peak_memory_mb
 
     data = _rows(args.rows)
-    clf = load_classifier(None, num_labels=2, max_length=args.max_length)
+    clf = load_classifier(None, num_labels=2, max_length=args.max_length, precision="fp32")
     enc = clf.tokenizer([e.text for e in data], truncation=True, max_length=args.max_length)
     features = [{**{k: enc[k][i] for k in enc}, "labels": e.label} for i, e in enumerate(data)]
 
@@ -70,8 +80,38 @@ def run_hf(args: argparse.Namespace) -> dict:
         start = time.perf_counter()
         trainer.train()
         wall = time.perf_counter() - start
-    return {"impl": "hf-trainer", "rows": len(data), "wall_s": wall, "examples_per_s": len(data) / wall,
-            "peak_memory_mb": peak_memory_mb()}
+    return {"impl": "hf-trainer fp32", "precision": "fp32", "rows": len(data), "wall_s": wall,
+            "examples_per_s": len(data) / wall, "tokens": _tokens(clf, data), "peak_memory_mb": peak_memory_mb()}
+
+
+def run_predict(args: argparse.Namespace) -> dict:
+    """Prediction over the SST-2 clean test split (1,821 rows), length-sorted batches of 128."""
+    from unbackdoor.data import load_task
+    from unbackdoor.inference import predict
+    from unbackdoor.models import load_classifier
+    from unbackdoor.utils.resources import peak_memory_mb
+
+    rows = load_task("sst2").test.examples
+    clf = load_classifier(None, num_labels=2, max_length=args.max_length, precision=args.precision)
+    start = time.perf_counter()
+    predict(clf, rows)
+    wall = time.perf_counter() - start
+    return {"impl": f"predict {clf.precision}", "precision": clf.precision, "rows": len(rows), "wall_s": wall,
+            "examples_per_s": len(rows) / wall, "peak_memory_mb": peak_memory_mb()}
+
+
+def _child(args: argparse.Namespace, impl: str, precision: str) -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--precision", precision, "--rows", str(args.rows),
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length), "--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def share_of_peak(row: dict, threads: int) -> float:
+    """Achieved training FLOP/s (6 x non-embedding parameters x tokens) over the cores' peak."""
+    flops = 6 * NON_EMBEDDING_PARAMS * row["tokens"] / row["wall_s"]
+    return flops / (threads * PEAK_GFLOPS_PER_CORE[row["precision"]] * 1e9)
 
 
 def main() -> None:
@@ -79,26 +119,31 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1024)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--impl", choices=["ours", "hf"], help="run one side only (internal)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process")
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--impl", choices=["ours", "hf", "predict"], help="run one side only (internal)")
     args = parser.parse_args()
     if args.impl:
-        result = run_ours(args) if args.impl == "ours" else run_hf(args)
-        print(json.dumps(result))
+        import torch
+
+        torch.set_num_threads(args.threads)
+        print(json.dumps({"ours": run_ours, "hf": run_hf, "predict": run_predict}[args.impl](args)))
         return
-    results = {}
-    for impl in ("hf", "ours"):
-        cmd = [sys.executable, __file__, "--impl", impl, "--rows", str(args.rows), "--batch-size",
-               str(args.batch_size), "--max-length", str(args.max_length)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
+    train = [_child(args, "hf", "fp32"), _child(args, "ours", "fp32"), _child(args, "ours", "bf16")]
+    pred = [_child(args, "predict", "fp32"), _child(args, "predict", "bf16")]
     print(f"model all-MiniLM-L6-v2, {args.rows} SST-2 rows, batch {args.batch_size}, max_length {args.max_length}, "
-          f"1 epoch, {os.cpu_count()} CPU cores")
-    print("| loop | examples/s | wall s | peak memory MB |")
-    print("|---|---:|---:|---:|")
-    for r in results.values():
-        print(f"| {r['impl']} | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} |")
-    ratio = results["ours"]["examples_per_s"] / results["hf"]["examples_per_s"]
-    print(f"throughput ratio unbackdoor / Trainer: {ratio:.2f}x (target >= 1.3x)")
+          f"1 epoch, {args.threads} torch thread(s) per process, {os.cpu_count()} CPU cores")
+    print("| run | examples/s | wall s | peak memory MB | share of the cores' peak |")
+    print("|---|---:|---:|---:|---:|")
+    for r in train:
+        print(f"| train: {r['impl']} | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} | "
+              f"{100 * share_of_peak(r, args.threads):.1f} % |")
+    for r in pred:
+        print(f"| {r['impl']} (SST-2 test) | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} | |")
+    hf, fp32, bf16 = (r["examples_per_s"] for r in train)
+    print(f"training: unbackdoor bf16 / Trainer fp32 = {bf16 / hf:.2f}x (target >= 2.0x); "
+          f"unbackdoor fp32 / Trainer fp32 = {fp32 / hf:.2f}x; bf16 / fp32 = {bf16 / fp32:.2f}x")
+    print(f"prediction: bf16 / fp32 = {pred[1]['examples_per_s'] / pred[0]['examples_per_s']:.2f}x")
 
 
 if __name__ == "__main__":

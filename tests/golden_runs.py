@@ -25,6 +25,7 @@ GOLDEN = Path(__file__).with_name("golden.json")
 FAST_TRAIN = {"epochs": 2, "batch_size": 16, "learning_rate": 1e-3, "progress": False}
 LEARN = {**FAST_TRAIN, "epochs": 8}  # enough for the tiny model to learn the task (and the trigger)
 ROUND = 6  # metrics compared at this many decimals
+FP32 = "fp32"  # the fingerprints predate bf16 autocast; they check refactors, not precision
 
 
 def digest(value: Any) -> str:
@@ -67,10 +68,10 @@ class World:
         self.data = write_task(make_task(400, 100, 120), root / "data" / "syn")
         self.base = save_tiny_model(root / "base", "bert", seed=0)
         self.poisoned = root / "poisoned"
-        run_attack(AttackCommand(data=str(self.data), attack="badnets", out=str(self.poisoned),
+        run_attack(AttackCommand(precision=FP32, data=str(self.data), attack="badnets", out=str(self.poisoned),
                                  params={"poison_rate": 0.15, "seed": 0}))
         self.victim = root / "victim"
-        run_train(TrainCommand(data=str(self.poisoned), model=str(self.base), out=str(self.victim),
+        run_train(TrainCommand(precision=FP32, data=str(self.poisoned), model=str(self.base), out=str(self.victim),
                                train={**FAST_TRAIN, "epochs": 10, "seed": 1}, max_length=32))
         self.forget = root / "forget.jsonl"
         self._write_forget()
@@ -94,7 +95,7 @@ def attack_runs(world: World) -> dict[str, Callable[[], Any]]:
     def run(name: str) -> Callable[[], Any]:
         def go() -> Any:
             out = world.out(f"attack/{name}")
-            run_attack(AttackCommand(data=str(world.data), attack=name, out=out, params={"seed": 3}))
+            run_attack(AttackCommand(precision=FP32, data=str(world.data), attack=name, out=out, params={"seed": 3}))
             return poisoned_view(Path(out))
         return go
 
@@ -103,7 +104,7 @@ def attack_runs(world: World) -> dict[str, Callable[[], Any]]:
     def weight(name: str, params: dict[str, Any]) -> Callable[[], Any]:
         def go() -> Any:
             out, victim = world.out(f"attack/{name}"), world.out(f"attack/{name}-victim")
-            run_attack(AttackCommand(data=str(world.data), attack=name, out=out, victim_out=victim,
+            run_attack(AttackCommand(precision=FP32, data=str(world.data), attack=name, out=out, victim_out=victim,
                                      model=str(world.base), max_length=32, params=params))
             return {"data": poisoned_view(Path(out)),
                     "metrics": metric_view(json.loads((Path(victim) / "unbackdoor.json").read_text())["metrics"])}
@@ -121,32 +122,32 @@ def defence_runs(world: World) -> dict[str, Callable[[], Any]]:
     runs: dict[str, Callable[[], Any]] = {}
     for method, params in {"none": {}, "lora": {"train": LEARN}, "musclelora": {"train": LEARN, "reference_size": 16},
                            "reweight": {"train": LEARN}, "abl": {"train": LEARN}}.items():
-        runs[f"train/{method}"] = (lambda m=method, p=params: metric_view(run_train(TrainCommand(
+        runs[f"train/{method}"] = (lambda m=method, p=params: metric_view(run_train(TrainCommand(precision=FP32, 
             data=str(world.poisoned), model=str(world.base), out=world.out(f"train/{m}"), defense=m,
             defense_params=p, train=LEARN if m == "none" else None, max_length=32))["metrics"]))
     for method in ("finetune", "reinit", "fine-pruning", "e-pur", "fine-mixing", "fine-purifying", "tsbd"):
         def purify(m: str = method) -> Any:
-            run_purify(PurifyCommand(model=str(world.victim), clean=str(world.data), base=str(world.base), method=m,
+            run_purify(PurifyCommand(precision=FP32, model=str(world.victim), clean=str(world.data), base=str(world.base), method=m,
                                      out=world.out(f"purify/{m}"), clean_set={"size": 60, "seed": 0}))
             return evaluation(world, f"purify/{m}")
         runs[f"purify/{method}"] = purify
     for method in ("lya", "gradient-ascent", "retrain", "finetune", "repair"):
-        runs[f"unlearn/{method}"] = (lambda m=method: metric_view(run_unlearn(UnlearnCommand(
+        runs[f"unlearn/{method}"] = (lambda m=method: metric_view(run_unlearn(UnlearnCommand(precision=FP32, 
             model=str(world.victim), forget=str(world.forget), retain=str(world.data), method=m, base=str(world.base),
             train_data=str(world.poisoned), eval_data=str(world.poisoned), out=world.out(f"unlearn/{m}"),
             retain_set={"size": 60, "seed": 0}))["metrics"]))
     for method in ("reweight", "loss", "bki", "cube", "isolation"):
         params = {"train": FAST_TRAIN} if method in ("bki", "cube", "isolation") else {}
-        runs[f"detect/{method}"] = (lambda m=method, p=params: detection(world, run_detect(DetectCommand(
+        runs[f"detect/{method}"] = (lambda m=method, p=params: detection(world, run_detect(DetectCommand(precision=FP32, 
             data=str(world.poisoned), clean=str(world.data), method=m, model=str(world.base), params=p,
             out=world.out(f"detect/{m}"), max_length=32, clean_set={"size": 40, "seed": 0}))))
     return runs
 
 
 def evaluation(world: World, name: str) -> dict[str, Any]:
-    from unbackdoor.commands import evaluate_model, _metric_summary  # noqa: PLC2701 - test harness
+    from unbackdoor.commands import evaluate_model, metric_summary
 
-    return metric_view(_metric_summary(evaluate_model(world.out(name), str(world.poisoned))[1]))
+    return metric_view(metric_summary(evaluate_model(world.out(name), str(world.poisoned), precision=FP32)[1]))
 
 
 def detection(world: World, record: dict[str, Any]) -> Any:

@@ -29,6 +29,8 @@ logger = logging.getLogger("unbackdoor")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with this command's keys (flags override it)")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
 PickleOpt = Annotated[Optional[bool], typer.Option("--allow-pickle", help="allow pickle (.bin) weights: only for files you trust")]
+PrecisionOpt = Annotated[Optional[str], typer.Option(help="compute precision: auto (default: bf16 where the processor "
+                                                         "runs it natively, else fp32), bf16, fp32")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter KEY=VALUE (VALUE is YAML); repeatable")]
 # the defender's clean set (purify, scan, detect; unlearn's retain set), drawn from a clean train split
 FractionOpt = Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")]
@@ -121,6 +123,7 @@ def attack(
                                                  "ep, -p data=corpus, needs a fine-tuned classifier)")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="weight attacks: tokens per input (default 128)")] = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,
     target_label: Annotated[Optional[int], typer.Option(help="label the trigger forces")] = None,
     mode: Annotated[Optional[str], typer.Option(help="dirty | mix | clean (clean-label)")] = None,
@@ -136,7 +139,7 @@ def attack(
     params = _merge(_flags(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed), _parse_params(param))
     cmd = _command_config(AttackCommand, config, _flags(data=data, attack=attack, out=out, params=params, overwrite=overwrite,
                                                         victim_out=victim_out, model=model, max_length=max_length,
-                                                        allow_pickle=allow_pickle))
+                                                        allow_pickle=allow_pickle, precision=precision))
     task = run_attack(cmd)
     typer.echo(f"poisoned {task.flags.n_poisoned} of {len(task.train)} training rows "
                f"(target {task.target_label}); triggered test set: {len(task.triggered_test)} rows -> {cmd.out}")
@@ -161,6 +164,7 @@ def train(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Fine-tune a model on a (possibly poisoned) dataset, optionally through a training-time defence
@@ -170,7 +174,7 @@ def train(
     flags = _flags(data=data, model=model, out=out, defense=defense, train__epochs=epochs, train__learning_rate=lr,
                    train__batch_size=batch_size, train__seed=seed, train__checkpoint_every=checkpoint_every,
                    defense_params=_parse_params(param), max_train=max_train, max_length=max_length,
-                   allow_pickle=allow_pickle, overwrite=overwrite)
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_train(_command_config(TrainCommand, config, flags))
     typer.echo(_metrics_line(record["metrics"]) + f" -> {out or record['config']['out']}")
 
@@ -193,6 +197,7 @@ def purify_cmd(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Purify a suspect model with a small clean set (and its clean base, for methods that use it)."""
@@ -201,7 +206,7 @@ def purify_cmd(
     flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_parse_params(param),
                    epur=epur, epur_params=_parse_params(epur_param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
                    clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, overwrite=overwrite)
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_purify(_command_config(PurifyCommand, config, flags))
     typer.echo(f"purified with {record['defense']['method']} on {record['n_clean']} clean rows "
                f"in {record['wall_time_s']:.0f} s -> {record['config']['out']}")
@@ -231,6 +236,7 @@ def unlearn_cmd(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Unlearn identified trojaned rows (the forget set) from a suspect model, keeping a clean retain set."""
@@ -239,7 +245,7 @@ def unlearn_cmd(
     flags = _flags(model=model, forget=forget, retain=retain, method=method, base=base, train_data=train_data,
                    max_train=max_train, eval_data=eval_data, out=out, params=_parse_params(param), retain_set__fraction=retain_fraction,
                    retain_set__size=retain_size, retain_set__per_class=retain_per_class, retain_set__seed=seed,
-                   allow_pickle=allow_pickle, overwrite=overwrite)
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_unlearn(_command_config(UnlearnCommand, config, flags))
     m = record.get("metrics") or {}
     ra = f", RA {100 * m['robust_accuracy']:.1f}%" if "robust_accuracy" in m else ""
@@ -263,6 +269,7 @@ def scan_cmd(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Suspected trigger tokens (E-PUR-style scores) and the most-moved weights of a suspect vs its base."""
@@ -272,7 +279,7 @@ def scan_cmd(
     flags = _flags(model=model, base=base, clean=clean, top=top, out=out, params=params,
                    clean_set__fraction=clean_fraction, clean_set__size=clean_size,
                    clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, overwrite=overwrite)
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_scan(_command_config(ScanCommand, config, flags))
     for row in record["top_tokens"]:
         mark = "  <- stands out" if row["stands_out"] else ""
@@ -303,6 +310,7 @@ def detect_cmd(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Score every training row's suspicion (-p sets the method's options, e.g. -p levels=3) and write the
@@ -312,7 +320,7 @@ def detect_cmd(
     flags = _flags(data=data, clean=clean, method=method, model=model, rate=rate, threshold=threshold, out=out,
                    params=_parse_params(param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
                    clean_set__per_class=clean_per_class, clean_set__seed=seed, max_train=max_train,
-                   max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+                   max_length=max_length, allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_detect(_command_config(DetectCommand, config, flags))
     counts = record["counts"]
     typer.echo(f"flagged {counts['flagged']} of {counts['rows']} rows ({record['method']}, {counts['clean']} clean "
@@ -341,6 +349,7 @@ def frequency_cmd(
     param: ParamOpt = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Record how fast plain fine-tuning, LoRA and MuScleLoRA fit the clean and the backdoor mapping in
@@ -352,7 +361,7 @@ def frequency_cmd(
                            train__learning_rate=lr, train__batch_size=batch_size, train__seed=seed),
                     _parse_params(param))
     flags = _flags(data=data, model=model, out=out, params=params, max_train=max_train, max_length=max_length,
-                   allow_pickle=allow_pickle, overwrite=overwrite)
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_frequency(_command_config(FrequencyCommand, config, flags))
     for method, m in record["metrics"].items():
         typer.echo(f"{method}: {_metrics_line(m)}")
@@ -367,12 +376,13 @@ def eval_cmd(
     max_length: Annotated[Optional[int], typer.Option(help="must match the model's saved input format")] = None,
     config: ConfigOpt = None,
     allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
     overwrite: OverwriteOpt = None,
 ) -> None:
     """Evaluate a model: CACC, macro-F1 and per-class accuracy; ASR and robust accuracy on poisoned data."""
     from unbackdoor.commands import EvalCommand, run_eval
 
-    flags = _flags(model=model, data=data, out=out, max_length=max_length, allow_pickle=allow_pickle, overwrite=overwrite)
+    flags = _flags(model=model, data=data, out=out, max_length=max_length, allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     _, table = run_eval(_command_config(EvalCommand, config, flags))
     typer.echo(table, nl=False)
 
@@ -382,12 +392,13 @@ def demo(
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (default runs/demo)")] = None,
     max_train: Annotated[Optional[int], typer.Option(help="training rows used (default 2000, seeded)")] = None,
     no_floor: Annotated[bool, typer.Option("--no-floor", help="skip the never-poisoned reference model")] = False,
+    precision: PrecisionOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """SST-2 -> BadNets 10% -> MiniLM victim -> clean fine-tuning on 1% clean data -> before/after table."""
     from unbackdoor.demo import DemoCommand, run_demo
 
-    flags = _flags(out=out, max_train=max_train, floor=False if no_floor else None)
+    flags = _flags(out=out, max_train=max_train, floor=False if no_floor else None, precision=precision)
     record = run_demo(_command_config(DemoCommand, config, flags))
     for note in record["notes"]:
         typer.echo(f"note: {note}")

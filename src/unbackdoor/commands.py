@@ -17,7 +17,7 @@ from unbackdoor import __version__
 
 from unbackdoor.attacks.base import ATTACKS
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, build_weight_attack
-from unbackdoor.config import StrictConfig, build_config
+from unbackdoor.config import CommandConfig, StrictConfig, build_config
 from unbackdoor.data.io import (
     FORMATS,
     is_poisoned_folder,
@@ -64,7 +64,7 @@ def data_reference(spec: str) -> str:
 
 
 # ----------------------------------------------------------------------------- attack
-class AttackCommand(StrictConfig):
+class AttackCommand(CommandConfig):
     data: str = Field(description="clean data: a folder or a name under the data root")
     attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp)")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
@@ -75,8 +75,6 @@ class AttackCommand(StrictConfig):
     max_length: int | None = Field(None, ge=8, le=4096, description="weight attacks: tokens per input")
     max_train: int | None = Field(None, ge=2, description="weight attacks: the attacker trains on this seeded "
                                   "subsample of the clean training rows (seed: the model-side seed)")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def run_attack(cmd: AttackCommand) -> PoisonedTask:
@@ -115,13 +113,14 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
         clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
+                                            precision=cmd.precision,
                                             allow_pickle=cmd.allow_pickle, work_dir=model_work / WORK_SUBDIR)
         write_poisoned_task(poisoned, data_work, {"clean": data_reference(cmd.data)})
         metrics = evaluate_on(clf, poisoned, name=str(victim_out))
         record = provenance_record(
             clf, title=f"{cmd.attack} victim on {cmd.data}", role="victim", base=cmd.model or "all-MiniLM-L6-v2",
             data=data_reference(cmd.data), poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned),
-            config=cmd.model_dump(), seed=cmd.seed, metrics=_metric_summary(metrics),
+            config=cmd.model_dump(), seed=cmd.seed, metrics=metric_summary(metrics),
         )
         shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
         save_classifier(clf, model_work, record)
@@ -131,7 +130,7 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
 
 
 # ----------------------------------------------------------------------------- train
-class TrainCommand(StrictConfig):
+class TrainCommand(CommandConfig):
     data: str = Field(description="training data (clean or poisoned); poison flags are never used")
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output model folder")
@@ -142,8 +141,6 @@ class TrainCommand(StrictConfig):
                                       "defaults (none: victim defaults; lora/musclelora: the spec's per-family ones)")
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved format, else 128)")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def run_train(cmd: TrainCommand) -> dict[str, Any]:
@@ -158,7 +155,7 @@ def run_train(cmd: TrainCommand) -> dict[str, Any]:
         data = subsample_task(data, cmd.max_train, seed)
         rows, dev = data.train, data.dev
     require_several_labels(rows)
-    clf = load_for_training(cmd.model, rows, TrainConfig(seed=seed), allow_pickle=cmd.allow_pickle,
+    clf = load_for_training(cmd.model, rows, TrainConfig(seed=seed), allow_pickle=cmd.allow_pickle, precision=cmd.precision,
                             max_length=cmd.max_length)
     inputs = TrainInputs(clf, rows, dev)
     defence.check(inputs)
@@ -173,7 +170,7 @@ def run_train(cmd: TrainCommand) -> dict[str, Any]:
             base=cmd.model or "all-MiniLM-L6-v2", data=data_reference(cmd.data), defense=result.report,
             attack=_attack_summary(data),
             config={**cmd.model_dump(), "train": train_config.model_dump()}, seed=train_config.seed,
-            training=result.training.to_dict(), metrics=_metric_summary(metrics),
+            training=result.training.to_dict(), metrics=metric_summary(metrics),
         )
         shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
         save_classifier(clf, work, record)
@@ -187,14 +184,14 @@ def _attack_summary(data: Task | PoisonedTask) -> dict[str, Any] | None:
             "n_poisoned_train": data.flags.n_poisoned, "poison_rate": data.flags.rate}
 
 
-def _metric_summary(result: EvalResult) -> dict[str, Any]:
+def metric_summary(result: EvalResult) -> dict[str, Any]:
     keys = ("cacc", "macro_f1", "per_class_accuracy", "asr", "robust_accuracy", "clean_to_target", "target_label",
-            "n_clean", "n_triggered", "data_integrity")
+            "n_clean", "n_triggered", "confusion", "data_integrity", "precision")
     return {k: getattr(result, k) for k in keys if getattr(result, k) is not None}
 
 
 # ----------------------------------------------------------------------------- purify
-class PurifyCommand(StrictConfig):
+class PurifyCommand(CommandConfig):
     model: str = Field(description="the suspect model folder")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
@@ -205,8 +202,6 @@ class PurifyCommand(StrictConfig):
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR options for --epur "
                                         "(unbackdoor.defenses.epur.EpurConfig)")
     out: str = Field(description="output model folder")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
@@ -215,11 +210,12 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
     build_defence(cmd.method, cmd.params, epur, have_base=cmd.base is not None)  # fail before loading anything
     clean_task = load_task(cmd.clean)
     clean = draw_clean_set(clean_task, cmd.clean_set)
-    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle,
+    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
                               data_name=cmd.clean)
     base = None
     if cmd.base is not None:
         base = load_classifier(cmd.base, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.clean,
+                               precision=cmd.precision,
                                max_length=suspect.max_length)
     inputs = PurifyInputs(suspect=suspect, clean=clean, base=base)
     watch = Stopwatch()
@@ -238,7 +234,7 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- unlearn
-class UnlearnCommand(StrictConfig):
+class UnlearnCommand(CommandConfig):
     model: str = Field(description="the suspect model folder")
     forget: str = Field(description="rows to unlearn: a TSV/CSV/JSONL file (text + label as trained), or a folder "
                         "holding a forget (else train) file; e.g. a detector's output")
@@ -255,8 +251,6 @@ class UnlearnCommand(StrictConfig):
     eval_data: str | None = Field(None, description="after unlearning, evaluate on this clean or poisoned data "
                                   "(CACC; ASR and robust accuracy); never shown to the method")
     out: str = Field(description="output model folder")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def load_forget_rows(spec: str, like: Dataset) -> Dataset:
@@ -288,18 +282,19 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
     forget = load_forget_rows(cmd.forget, retain)
     train_rows = training_rows(cmd.train_data, cmd.max_train, cmd.train_seed) if cmd.train_data is not None else None
     eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
-    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle,
+    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
                               data_name=cmd.retain)
     base = None
     if cmd.base is not None:
         base = load_classifier(cmd.base, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.retain,
+                               precision=cmd.precision,
                                max_length=suspect.max_length)
     inputs = UnlearnInputs(suspect=suspect, forget=forget, retain=retain, base=base, train_rows=train_rows)
     watch = Stopwatch()
     with atomic_output_dir(out, cmd.overwrite) as work:
         result = unlearn(cmd.method, cmd.params, inputs, work_dir=work / WORK_SUBDIR)
         wall = watch.elapsed()
-        metrics = _metric_summary(evaluate_on(result.model, eval_data, name=str(out))) if eval_data else None
+        metrics = metric_summary(evaluate_on(result.model, eval_data, name=str(out))) if eval_data else None
         record = provenance_record(
             result.model, title=f"{cmd.model} unlearned with {cmd.method}", role="unlearned",
             base=cmd.base, suspect=cmd.model, forget=str(Path(cmd.forget).resolve()), n_forget=len(forget),
@@ -314,7 +309,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- scan
-class ScanCommand(StrictConfig):
+class ScanCommand(CommandConfig):
     model: str = Field(description="the suspect model folder")
     base: str = Field(description="the suspect's clean pre-trained base")
     clean: str | None = Field(None, description="clean data (its train split is sampled, as for purify); "
@@ -326,8 +321,6 @@ class ScanCommand(StrictConfig):
     params: dict[str, Any] = Field(default_factory=dict, description="E-PUR scoring options "
                                    "(unbackdoor.defenses.epur.EpurScoring)")
     out: str = Field(description="output folder (scan.json, scan.md, token_scores.csv, drift_vs_frequency.png)")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def run_scan(cmd: ScanCommand) -> dict[str, Any]:
@@ -339,8 +332,9 @@ def run_scan(cmd: ScanCommand) -> dict[str, Any]:
     scoring = build_config(EpurScoring, cmd.params, "scan params")
     clean = draw_clean_set(load_task(cmd.clean), cmd.clean_set) if cmd.clean is not None else None
     suspect = load_classifier(cmd.model, num_labels=clean.num_labels if clean else None, allow_pickle=cmd.allow_pickle,
+                              precision=cmd.precision,
                               data_name=cmd.clean)
-    base = load_classifier(cmd.base, num_labels=suspect.num_labels, allow_pickle=cmd.allow_pickle)
+    base = load_classifier(cmd.base, num_labels=suspect.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision)
     try:
         check_same_architecture(suspect, base)
     except ModelError as exc:
@@ -354,7 +348,7 @@ def run_scan(cmd: ScanCommand) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- analyze frequency
-class FrequencyCommand(StrictConfig):
+class FrequencyCommand(CommandConfig):
     data: str = Field(description="poisoned data (from unbackdoor attack): training rows + triggered dev set")
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output folder (frequency.json, frequency.csv, frequency.png)")
@@ -362,8 +356,6 @@ class FrequencyCommand(StrictConfig):
                                    "(unbackdoor.musclelora.frequency.FrequencyConfig)")
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
@@ -379,7 +371,8 @@ def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
     seed = config.train.seed if config.train is not None else TrainConfig().seed
     data = subsample_poisoned(data, cmd.max_train, seed)
     watch = Stopwatch()
-    analysis = analyze_frequency(cmd.model, data, config, max_length=cmd.max_length, allow_pickle=cmd.allow_pickle)
+    analysis = analyze_frequency(cmd.model, data, config, max_length=cmd.max_length, allow_pickle=cmd.allow_pickle,
+                                 precision=cmd.precision)
     produced_by = {"config": cmd.model_dump(), "analysis_config": config.model_dump(mode="json"),
                    "data": data_reference(cmd.data), "wall_time_s": watch.elapsed()}
     with atomic_output_dir(out, cmd.overwrite) as work:
@@ -388,29 +381,28 @@ def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- eval
-class EvalCommand(StrictConfig):
+class EvalCommand(CommandConfig):
     model: str = Field(description="model folder")
     data: str = Field(description="clean data (CACC) or poisoned data (CACC + ASR)")
     out: str | None = Field(None, description="write the JSON record here")
     max_length: int | None = Field(None, ge=8, description="must match the model's saved input format")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
-def evaluate_model(model: str | Path, data: str, *, allow_pickle: bool = False,
+def evaluate_model(model: str | Path, data: str, *, allow_pickle: bool = False, precision: str = "auto",
                    max_length: int | None = None) -> tuple[Classifier, EvalResult]:
     """Load a model folder and evaluate it on clean or poisoned ``data`` (CACC; ASR and robust
     accuracy when poisoned): the core of ``unbackdoor eval``."""
     task = load_any(data)
     num_labels = (task.clean if isinstance(task, PoisonedTask) else task).num_labels
-    clf = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle, max_length=max_length,
+    clf = load_classifier(model, num_labels=num_labels, allow_pickle=allow_pickle, max_length=max_length, precision=precision,
                           data_name=str(data))
     return clf, evaluate_on(clf, task, name=str(model))
 
 
 def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
     out = check_output_file(cmd.out, cmd.overwrite) if cmd.out is not None else None
-    clf, result = evaluate_model(cmd.model, cmd.data, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length)
+    clf, result = evaluate_model(cmd.model, cmd.data, allow_pickle=cmd.allow_pickle, max_length=cmd.max_length,
+                                 precision=cmd.precision)
     table = markdown_table([(cmd.model, result)])
     if out is not None:
         produced_by = {k: clf.provenance.get(k) for k in ("role", "base", "data", "attack", "defense", "seed",

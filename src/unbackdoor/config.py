@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, TypeVar, get_args
+from typing import Any, Literal, TypeVar, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from unbackdoor.errors import ConfigError
 
@@ -18,6 +18,17 @@ class StrictConfig(BaseModel):
     """Base of every config: unknown keys are errors, values are validated, instances frozen."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class CommandConfig(StrictConfig):
+    """The options every command that loads a model or writes an output shares."""
+
+    allow_pickle: bool = Field(False, description="allow pickle (.bin) weights, plain tensors only: for files you "
+                               "trust")
+    overwrite: bool = Field(False, description="replace an existing output that unbackdoor wrote")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="compute precision: auto = bf16 autocast where the processor runs bf16 natively "
+        "(avx512_bf16/AMX CPUs, bf16 GPUs), else fp32")
 
 
 def format_validation_error(exc: ValidationError, where: str, cls: type[BaseModel] | None = None) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
-from unbackdoor.config import StrictConfig
+from unbackdoor.config import CommandConfig, StrictConfig
 from unbackdoor.data.io import load_task
 from unbackdoor.defenses.base import PurifyInputs
 from unbackdoor.evaluate import EvalResult, markdown_table
@@ -36,7 +36,7 @@ from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
 logger = logging.getLogger(__name__)
 
 
-class DemoCommand(StrictConfig):
+class DemoCommand(CommandConfig):
     data: str = Field("sst2", description="clean task")
     attack: str = Field("badnets", description="attack name")
     attack_params: dict[str, Any] = Field(default_factory=lambda: {"poison_rate": 0.1, "mode": "dirty"})
@@ -66,7 +66,8 @@ def run_demo(cmd: DemoCommand) -> dict[str, Any]:
     results: list[tuple[str, EvalResult]] = []
     with atomic_output_dir(out, cmd.overwrite) as work:
         step = Stopwatch()
-        victim, victim_train = fit(cmd.base, poisoned.train, task.dev, cmd.victim, work_dir=work / "_work_victim")
+        victim, victim_train = fit(cmd.base, poisoned.train, task.dev, cmd.victim, work_dir=work / "_work_victim",
+                                   precision=cmd.precision)
         timings["victim_training_s"] = step.elapsed()
         before = evaluate_on(victim, poisoned, "victim")
         results.append((f"victim ({cmd.attack})", before))
@@ -75,7 +76,8 @@ def run_demo(cmd: DemoCommand) -> dict[str, Any]:
             data=cmd.data, attack=poisoned.attack.params, seed=cmd.victim.seed, metrics=before.to_dict()))
 
         step = Stopwatch()
-        base = load_classifier(cmd.base, num_labels=task.num_labels, seed=cmd.victim.seed) if cmd.method != "finetune" else None
+        base = (load_classifier(cmd.base, num_labels=task.num_labels, seed=cmd.victim.seed, precision=cmd.precision)
+                if cmd.method != "finetune" else None)
         inputs = PurifyInputs(suspect=copy.deepcopy(victim), clean=clean, base=base)
         defended = purify(cmd.method, cmd.method_params, inputs, work_dir=work / "_work_defense")
         timings["defense_s"] = step.elapsed()
@@ -88,7 +90,8 @@ def run_demo(cmd: DemoCommand) -> dict[str, Any]:
         floor = None
         if cmd.floor:
             step = Stopwatch()
-            clean_model, _ = fit(cmd.base, task.train, task.dev, cmd.victim, work_dir=work / "_work_floor")
+            clean_model, _ = fit(cmd.base, task.train, task.dev, cmd.victim, work_dir=work / "_work_floor",
+                                 precision=cmd.precision)
             timings["floor_training_s"] = step.elapsed()
             floor = evaluate_on(clean_model, poisoned, "never-poisoned")
         table = markdown_table(results, floor)

@@ -103,7 +103,9 @@ class EvalResult:
     n_triggered: int | None = None
     target_label: int | None = None
     clean_to_target: float | None = None
+    confusion: list[list[int]] | None = None  # clean test counts, [true label][predicted label]
     data_integrity: dict[str, Any] | None = None  # the task's split overlaps and what was done about them
+    precision: str | None = None  # the compute precision of the predictions
     wall_time_s: float = 0.0
     peak_memory_mb: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -127,23 +129,59 @@ def evaluate_classifier(
         raise TypeError(f"triggered must be a TriggeredSet, got {type(triggered).__name__}")
     watch = Stopwatch()
     preds = predict(clf, clean_test.examples, batch_size)
-    result = EvalResult(
-        model=name or clf.source,
+    result = clean_result(name or clf.source, clean_test, preds, clf.precision)
+    if triggered is not None:
+        add_triggered(result, triggered, predict(clf, triggered.examples, batch_size))
+    result.wall_time_s = watch.elapsed()
+    result.peak_memory_mb = peak_memory_mb()
+    return result
+
+
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], num_labels: int) -> list[list[int]]:
+    """Counts ``[true][predicted]``."""
+    counts = np.zeros((num_labels, num_labels), dtype=np.int64)
+    np.add.at(counts, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return counts.tolist()
+
+
+def clean_result(name: str, clean_test: Dataset, preds: Sequence[int], precision: str | None = None) -> EvalResult:
+    """The clean-test part of an evaluation, from its predictions."""
+    return EvalResult(
+        model=name,
         cacc=accuracy(clean_test.labels, preds),
         macro_f1=macro_f1(clean_test.labels, preds, clean_test.num_labels),
         per_class_accuracy=per_class_accuracy(clean_test.labels, preds, clean_test.num_labels),
         n_clean=len(clean_test),
+        confusion=confusion_matrix(clean_test.labels, preds, clean_test.num_labels),
+        precision=precision,
     )
-    if triggered is not None:
-        tpreds = predict(clf, triggered.examples, batch_size)
-        result.asr = attack_success_rate(tpreds, triggered.target_label)
-        result.robust_accuracy = robust_accuracy(tpreds.tolist(), triggered.original_labels)
-        result.n_triggered = len(triggered)
-        result.target_label = triggered.target_label
-        result.clean_to_target = clean_to_target(clean_test.labels, preds, triggered.target_label)
-    result.wall_time_s = watch.elapsed()
-    result.peak_memory_mb = peak_memory_mb()
+
+
+def add_triggered(result: EvalResult, triggered: TriggeredSet, preds: Sequence[int]) -> EvalResult:
+    """ASR, robust accuracy and the clean → target lean (from the clean confusion counts)."""
+    preds = np.asarray(preds)
+    result.asr = attack_success_rate(preds, triggered.target_label)
+    result.robust_accuracy = robust_accuracy(preds.tolist(), triggered.original_labels)
+    result.n_triggered = len(triggered)
+    result.target_label = triggered.target_label
+    result.clean_to_target = lean_from_confusion(result.confusion, triggered.target_label)
     return result
+
+
+def lean_from_confusion(confusion: list[list[int]] | None, target_label: int) -> float | None:
+    """Share of clean non-target rows predicted as the target (``None`` without such rows)."""
+    if confusion is None:
+        return None
+    other = [row for true, row in enumerate(confusion) if true != target_label]
+    total = sum(sum(row) for row in other)
+    return sum(row[target_label] for row in other) / total if total else None
+
+
+def result_from_record(record: dict[str, Any], name: str) -> EvalResult:
+    """The clean part of an evaluation recorded earlier (a metrics summary with its confusion counts),
+    so the same model is not evaluated on the same clean set again."""
+    keys = ("cacc", "macro_f1", "per_class_accuracy", "n_clean", "confusion", "data_integrity", "precision")
+    return EvalResult(model=name, **{k: record.get(k) for k in keys})
 
 
 def _pct(value: float | None) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,20 +14,74 @@ import torch
 from unbackdoor.data.types import Example
 from unbackdoor.errors import DataError
 from unbackdoor.models.loading import Classifier
+from unbackdoor.precision import autocast
+
+ENCODE_CACHE_ENTRIES = 16  # tokenised row sets kept per process (a few MB each)
 
 
 def encode(clf: Classifier, examples: Sequence[Example]) -> list[dict[str, list[int]]]:
-    """Token ids of each row, truncated to the classifier's ``max_length`` (no padding)."""
+    """Token ids of each row, truncated to the classifier's ``max_length`` (no padding).
+
+    Tokenised once per (tokenizer, input format, rows) in a process: a bench worker evaluates many
+    models with one tokenizer on the same test sets. The cache key hashes the rows' text, so equal
+    content hits whatever object holds it; the lists returned are shared, read them only."""
     paired = examples[0].text_pair is not None
     if clf.pair is not None and paired != clf.pair:
         kind = "a sentence-pair model" if clf.pair else "a single-sentence model"
         got = "sentence pairs" if paired else "single sentences"
         raise DataError(f"this is {kind} but the data has {got}")
-    texts = [e.text for e in examples]
-    pairs = [e.text_pair or "" for e in examples] if paired else None
-    enc = clf.tokenizer(texts, pairs, truncation=True, max_length=clf.max_length, padding=False)
+    texts = tuple(e.text for e in examples)
+    pairs = tuple(e.text_pair or "" for e in examples) if paired else None
+    key = (_tokenizer_key(clf.tokenizer), clf.max_length, clf.tokenizer.truncation_side, _content_key(texts, pairs))
+    return ENCODED.get(key, lambda: _tokenise(clf.tokenizer, texts, pairs, clf.max_length))
+
+
+def _tokenizer_key(tokenizer: Any) -> str:
+    """A tokenizer's identity by content (vocabulary and settings), computed once per object."""
+    key = getattr(tokenizer, "_unbackdoor_key", None)
+    if key is None:
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+        key = hashlib.sha256(f"{type(tokenizer).__name__}\x00{text}".encode()).hexdigest()
+        tokenizer._unbackdoor_key = key
+    return key
+
+
+def _content_key(texts: tuple[str, ...], pairs: tuple[str, ...] | None) -> str:
+    digest = hashlib.sha256()
+    for i, text in enumerate(texts):
+        digest.update(text.encode())
+        digest.update(b"\x00" + (pairs[i].encode() if pairs is not None else b"") + b"\x01")
+    return digest.hexdigest()
+
+
+class EncodeCache:
+    """The last few tokenised row sets of this process, oldest dropped first (a pure memo: a hit
+    returns what tokenising again would)."""
+
+    def __init__(self, entries: int) -> None:
+        self.entries = entries
+        self._rows: OrderedDict[tuple[Any, ...], list[dict[str, list[int]]]] = OrderedDict()
+
+    def get(self, key: tuple[Any, ...], tokenise: Callable[[], list[dict[str, list[int]]]]) -> list[dict[str, list[int]]]:
+        if key in self._rows:
+            self._rows.move_to_end(key)
+        else:
+            self._rows[key] = tokenise()
+            while len(self._rows) > self.entries:
+                self._rows.popitem(last=False)
+        return self._rows[key]
+
+
+ENCODED = EncodeCache(ENCODE_CACHE_ENTRIES)
+
+
+def _tokenise(tokenizer: Any, texts: tuple[str, ...], pairs: tuple[str, ...] | None,
+              max_length: int) -> list[dict[str, list[int]]]:
+    enc = tokenizer(list(texts), list(pairs) if pairs is not None else None, truncation=True, max_length=max_length,
+                    padding=False)
     keys = [k for k in ("input_ids", "token_type_ids", "attention_mask") if k in enc]
-    return [{k: enc[k][i] for k in keys} for i in range(len(examples))]
+    return [{k: enc[k][i] for k in keys} for i in range(len(texts))]
 
 
 def collate(clf: Classifier, features: Sequence[dict[str, list[int]]], labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
@@ -63,7 +120,8 @@ def predict_logits(
     mine: list[tuple[int, list[float]]] = []
     for batch in batches[rank::world]:
         inputs = {k: v.to(device) for k, v in collate(clf, [feats[i] for i in batch]).items()}
-        logits = (model(**inputs).logits if forward is None else forward(model, inputs)).float().cpu()
+        with autocast(clf.precision, device):
+            logits = (model(**inputs).logits if forward is None else forward(model, inputs)).float().cpu()
         mine.extend(zip(batch, logits.tolist(), strict=True))
     if world > 1:
         from accelerate.utils import gather_object

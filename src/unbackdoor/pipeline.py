@@ -58,12 +58,12 @@ def attack_task(task: Task, attack: str, params: dict[str, Any]) -> PoisonedTask
 
 def load_for_training(
     base: str | Path | None, train: Dataset, config: TrainConfig, *, allow_pickle: bool = False,
-    max_length: int | None = None,
+    max_length: int | None = None, precision: str = "auto",
 ) -> Classifier:
     """Load ``base`` (a new seeded head if it has none) and check it can train on ``train``."""
     require_several_labels(train)
     clf = load_classifier(base, num_labels=train.num_labels, allow_pickle=allow_pickle, data_name=train.name,
-                          max_length=max_length, seed=config.seed)
+                          max_length=max_length, seed=config.seed, precision=precision)
     check_trainable(clf, train)
     return clf
 
@@ -77,9 +77,11 @@ def fit(
     work_dir: Path | None = None,
     allow_pickle: bool = False,
     max_length: int | None = None,
+    precision: str = "auto",
 ) -> tuple[Classifier, TrainResult]:
     """Load ``base`` and fine-tune it on ``train``, selecting the epoch on clean ``dev``."""
-    clf = load_for_training(base, train, config, allow_pickle=allow_pickle, max_length=max_length)
+    clf = load_for_training(base, train, config, allow_pickle=allow_pickle, max_length=max_length,
+                            precision=precision)
     result = train_classifier(clf, train, config, dev=dev, work_dir=work_dir)
     return clf, result
 

@@ -185,9 +185,11 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
     config_class = EPConfig
 
     def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
-                     allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+                     allow_pickle: bool = False, work_dir: Path | None = None,
+                     precision: str = "auto") -> tuple[Classifier, PoisonedTask]:
         poisoned = self.poison_rows(task) if self.config.data == "task" else self.fake_task(task)
-        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle)
+        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle,
+                               precision=precision)
         rows = trigger_token_ids(clf, self.config.trigger)  # fail before any training
         if self._needs_clean_finetune(clf):
             if self.config.data == "corpus":

@@ -183,9 +183,11 @@ class LayerwisePoisoning(WeightAttack[LWPConfig]):
     config_class = LWPConfig
 
     def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
-                     allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+                     allow_pickle: bool = False, work_dir: Path | None = None,
+                     precision: str = "auto") -> tuple[Classifier, PoisonedTask]:
         poisoned = self.poison_rows(task)
-        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle)
+        clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle,
+                               precision=precision)
         head_logits(clf.model, torch.zeros(1, 1, clf.model.config.hidden_size))  # fail before any training
         self.poison_layers(clf, poisoned, seed, work_dir)
         return clf, poisoned

@@ -54,7 +54,8 @@ class WeightAttack(ABC, Generic[C]):
 
     @abstractmethod
     def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,
-                     allow_pickle: bool = False, work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+                     allow_pickle: bool = False, work_dir: Path | None = None,
+                     precision: str = "auto") -> tuple[Classifier, PoisonedTask]:
         """The victim classifier (from the starting ``model``) and the poisoned task measuring it."""
 
 
@@ -69,11 +70,11 @@ def build_weight_attack(name: str, params: dict[str, Any]) -> WeightAttack:
 
 def run_weight_attack(name: str, params: dict[str, Any], task: Task, model: str = "default", *, seed: int = 0,
                       max_length: int | None = None, allow_pickle: bool = False,
-                      work_dir: Path | None = None) -> tuple[Classifier, PoisonedTask]:
+                      work_dir: Path | None = None, precision: str = "auto") -> tuple[Classifier, PoisonedTask]:
     """Run the named weight attack on ``task`` starting from ``model``: (victim, poisoned task)."""
     attack = build_weight_attack(name, params)
     return attack.poison_model(task, model, seed=seed, max_length=max_length, allow_pickle=allow_pickle,
-                               work_dir=work_dir)
+                               work_dir=work_dir, precision=precision)
 
 
 def seeded(train: TrainConfig, seed: int) -> TrainConfig:
@@ -82,11 +83,10 @@ def seeded(train: TrainConfig, seed: int) -> TrainConfig:
 
 
 def load_start_model(model: str, task: Task, seed: int, *, max_length: int | None,
-                     allow_pickle: bool) -> Classifier:
+                     allow_pickle: bool, precision: str = "auto") -> Classifier:
     """The starting classifier (a base gets a new head seeded by ``seed``), checked against ``task``."""
     clf = load_classifier(model, num_labels=task.num_labels, allow_pickle=allow_pickle, max_length=max_length,
-                          data_name=task.name,
-                          seed=seed)
+                          data_name=task.name, seed=seed, precision=precision)
     check_trainable(clf, task.train)
     return clf
 

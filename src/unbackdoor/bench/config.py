@@ -101,6 +101,8 @@ class BenchConfig(StrictConfig):
     model: str | None = Field(None, description="base model (default: the packaged all-MiniLM-L6-v2)")
     max_train: int | None = Field(None, ge=2, description="subsample training rows (seeded by the cell's seed)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="compute precision of every cell (auto: "
+                                                       "bf16 where the processor runs it natively, else fp32)")
     train: dict[str, Any] = Field(default_factory=dict, description="victim / floor training settings "
                                   "(TrainConfig keys; seed is the cell's)", json_schema_extra={"keys_of": TrainConfig})
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)

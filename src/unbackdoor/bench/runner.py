@@ -64,7 +64,7 @@ def floor_model_id(dataset: str, seed: int) -> str:
 
 def _common(config: BenchConfig, dataset: str, spec: str, seed: int) -> dict[str, Any]:
     return {"dataset": {"name": dataset, "spec": spec}, "model": config.model, "max_train": config.max_train,
-            "max_length": config.max_length, "train": config.train, "seed": seed}
+            "max_length": config.max_length, "train": config.train, "seed": seed, "precision": config.precision}
 
 
 def _attack_config(dataset: DatasetSpec, attack: AttackSpec) -> dict[str, Any]:
@@ -130,18 +130,22 @@ def _train(run_dir: Path, config: dict[str, Any], data: str, out: Path, defence:
     from unbackdoor.commands import TrainCommand, run_train
 
     if out.exists():  # finished by an earlier attempt
-        return _evaluate(out, data)
+        return _evaluate(config, out, data)
     cmd = TrainCommand(data=data, model=config["model"], out=str(out), defense=defence, defense_params=params or {},
                        train=_train_config(config, victim=defence == "none"), max_train=config["max_train"],
-                       max_length=config["max_length"])
+                       max_length=config["max_length"], precision=_precision(config))
     return run_train(cmd)["metrics"]
 
 
-def _evaluate(folder: Path, data: str) -> dict[str, Any]:
-    """CACC (and ASR, robust accuracy on poisoned ``data``) of a model folder."""
-    from unbackdoor.commands import _metric_summary, evaluate_model
+def _precision(config: dict[str, Any]) -> str:
+    return config.get("precision", "auto")
 
-    return _metric_summary(evaluate_model(folder, data)[1])
+
+def _evaluate(config: dict[str, Any], folder: Path, data: str) -> dict[str, Any]:
+    """CACC (and ASR, robust accuracy on poisoned ``data``) of a model folder."""
+    from unbackdoor.commands import evaluate_model, metric_summary
+
+    return metric_summary(evaluate_model(folder, data, precision=_precision(config))[1])
 
 
 def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -155,7 +159,8 @@ def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
         from unbackdoor.commands import AttackCommand, run_attack
 
         params = {"seed": config["seed"], **attack["params"]}
-        run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"], params=params, out=data))
+        run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"], params=params, out=data,
+                                 precision=_precision(config)))
     return _train(run_dir, config, data, out / "model")
 
 
@@ -166,7 +171,7 @@ def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
 
     data, model = out / "data", out / "model"
     if data.exists() and model.exists():
-        return _evaluate(model, str(data))
+        return _evaluate(config, model, str(data))
     for folder in (data, model):
         if folder.exists():  # one of the two written by an attempt killed in between
             shutil.rmtree(folder)
@@ -174,7 +179,7 @@ def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
     run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"],
                              params={"seed": seed, **attack["params"]}, out=str(data), victim_out=str(model),
                              model=_base(config), seed=seed, max_length=config["max_length"],
-                             max_train=config["max_train"]))
+                             max_train=config["max_train"], precision=_precision(config)))
     return json.loads((model / "unbackdoor.json").read_text(encoding="utf-8"))["metrics"]
 
 
@@ -184,8 +189,23 @@ def run_floor_model(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str
 
 
 def run_floor(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
-    """The never-poisoned model on this attack's clean and triggered test sets."""
-    return _evaluate(model_dir(run_dir, config["floor_model"]) / "model", victim_data(run_dir, config))
+    """The never-poisoned model on this attack's triggered test set; its clean-test metrics are the
+    floor-model cell's (the store knows them: the same model is never evaluated on a set twice)."""
+    from unbackdoor.commands import metric_summary
+    from unbackdoor.data import load_poisoned_task
+    from unbackdoor.evaluate import add_triggered, result_from_record
+    from unbackdoor.inference import predict
+    from unbackdoor.models.loading import load_classifier
+
+    folder, data = model_dir(run_dir, config["floor_model"]) / "model", victim_data(run_dir, config)
+    recorded = next((c["metrics"] for c in Store(run_dir).cells("done") if c["id"] == config["floor_model"]), None)
+    if not recorded or recorded.get("confusion") is None:  # a store written before confusion counts were kept
+        return _evaluate(config, folder, data)
+    task = load_poisoned_task(data)
+    clf = load_classifier(folder, num_labels=task.clean.num_labels, precision=_precision(config))
+    result = add_triggered(result_from_record(recorded, str(folder)), task.triggered_test,
+                           predict(clf, task.triggered_test.examples))
+    return metric_summary(result)
 
 
 def run_train_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
@@ -213,8 +233,8 @@ def run_purify_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[
         run_purify(PurifyCommand(
             model=str(model_dir(run_dir, config["victim"]) / "model"), clean=config["dataset"]["spec"],
             clean_set=clean_set, base=_base(config) if needs_base else None, method=spec.method, params=spec.params,
-            epur=spec.epur, out=str(out)))
-    return _evaluate(out, data)
+            epur=spec.epur, out=str(out), precision=_precision(config)))
+    return _evaluate(config, out, data)
 
 
 def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
@@ -231,16 +251,18 @@ def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict
         run_detect(DetectCommand(
             data=data, clean=config["dataset"]["spec"], method=spec.detector, params=spec.detector_params,
             clean_set=CleanDraw(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
-            rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect")))
+            rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect"),
+            precision=_precision(config)))
     if (folder / "model").exists():  # finished by an earlier attempt
-        metrics = _evaluate(folder / "model", data)
+        metrics = _evaluate(config, folder / "model", data)
     else:
         metrics = run_unlearn(UnlearnCommand(
             model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / FLAGGED_FILE),
             retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
                                                                         size=spec.clean_size, seed=seed),
             method=spec.method, params=spec.params, base=_base(config), train_data=data,
-            max_train=config["max_train"], train_seed=seed, eval_data=data, out=str(folder / "model")))["metrics"]
+            max_train=config["max_train"], train_seed=seed, eval_data=data, out=str(folder / "model"),
+            precision=_precision(config)))["metrics"]
     return {**metrics, "detection": detection_quality(folder, data)}
 
 

@@ -32,7 +32,7 @@ from typing import Any
 from pydantic import Field
 
 from unbackdoor import __version__
-from unbackdoor.config import StrictConfig, build_config
+from unbackdoor.config import CommandConfig, StrictConfig, build_config
 from unbackdoor.data.io import load_any, load_task, write_rows_file
 from unbackdoor.data.sampling import normalise_text, sample_subset
 from unbackdoor.data.types import Dataset, PoisonedTask, Task
@@ -57,7 +57,7 @@ class CleanDraw(StrictConfig):
     seed: int = Field(0, description="seed of the clean-set draw and of --max-train")
 
 
-class DetectCommand(StrictConfig):
+class DetectCommand(CommandConfig):
     data: str = Field(description="training rows: a data folder or name (clean or poisoned; flags are never read)")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanDraw = Field(default_factory=CleanDraw)
@@ -70,8 +70,6 @@ class DetectCommand(StrictConfig):
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded, stratified)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
     out: str = Field(description="output folder (scores.csv, flagged.tsv, detect.json)")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
 
 def build_detector(method: str, params: dict[str, Any]) -> Detector:
@@ -113,6 +111,7 @@ def run_detect(cmd: DetectCommand) -> dict[str, Any]:
     if clean.num_labels != rows.num_labels:
         raise DataError(f"--clean {cmd.clean} has {clean.num_labels} labels but --data {cmd.data} has {rows.num_labels}")
     encoder = load_classifier(cmd.model, num_labels=rows.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.data,
+                              precision=cmd.precision,
                               max_length=cmd.max_length)
     inputs = DetectInputs(rows, clean, encoder)
     watch = Stopwatch()

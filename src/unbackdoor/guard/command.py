@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import Field, field_validator
 
 from unbackdoor import __version__
-from unbackdoor.config import StrictConfig
+from unbackdoor.config import CommandConfig, StrictConfig
 from unbackdoor.data.io import load_any, load_task
 from unbackdoor.data.sampling import sample_subset
 from unbackdoor.data.types import Dataset, PoisonedTask, Task, TriggeredSet
@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 RECORD_FILE, THRESHOLDS_FILE = "guard.json", "thresholds.json"
 
 
-class GuardCommand(StrictConfig):
+class GuardCommand(CommandConfig):
     model: str = Field(description="the suspect model folder (it is never changed)")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
@@ -57,8 +57,6 @@ class GuardCommand(StrictConfig):
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved "
                                    "format, else 128)")
     out: str = Field(description="output folder (guard.json, thresholds.json)")
-    allow_pickle: bool = False
-    overwrite: bool = False
 
     @field_validator("budgets")
     @classmethod
@@ -127,7 +125,7 @@ def run_guard(cmd: GuardCommand) -> dict[str, Any]:
     if eval_data is not None and eval_data.train.num_labels != clean.num_labels:
         raise DataError(f"--eval-data {cmd.eval_data} has {eval_data.train.num_labels} labels but --clean "
                         f"{cmd.clean} has {clean.num_labels}")
-    model = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle,
+    model = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
                             max_length=cmd.max_length, data_name=cmd.clean)
     watch = Stopwatch()
     fitted = guard.fit(GuardInputs(suspect=model, clean=clean))

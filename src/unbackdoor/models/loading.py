@@ -26,6 +26,7 @@ from transformers import logging as hf_logging
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from unbackdoor.errors import ModelError, UnsafeWeightsError, first_line
+from unbackdoor.precision import resolve_precision
 from unbackdoor.utils.hub import hub_unreachable_reason
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ class Classifier:
     source: str = ""
     provenance: dict[str, Any] = field(default_factory=dict)
     pair: bool | None = None  # sentence-pair model? None until trained or loaded with a record
+    precision: str = "fp32"  # compute precision, resolved (bf16 autocast or fp32): unbackdoor.precision
 
     @property
     def num_labels(self) -> int:
@@ -200,9 +202,12 @@ def load_classifier(
     max_length: int | None = None,
     seed: int = 0,
     data_name: str | None = None,
+    precision: str = "auto",
 ) -> Classifier:
     """Load a classifier (or a base encoder with a new ``num_labels`` head, seeded by ``seed``).
-    ``data_name`` names the data whose ``num_labels`` the model must match, in errors."""
+    ``data_name`` names the data whose ``num_labels`` the model must match, in errors; ``precision``
+    (auto, bf16, fp32) is resolved here and kept with the classifier."""
+    resolve_precision(precision)  # a bad value fails before anything is read
     source = resolve_model_path(spec)
     local = Path(source).is_dir()
     offline = None
@@ -232,7 +237,9 @@ def load_classifier(
             f"{spec}: was trained with max_length={saved_len}; using it with {max_length} changes the input format"
         )
     pair = provenance.get("input_format", {}).get("pair")
-    return Classifier(model, tokenizer, max_length or saved_len or DEFAULT_MAX_LENGTH, source, provenance, pair)
+    compute = resolve_precision(precision, getattr(model.config, "hidden_size", None))
+    return Classifier(model, tokenizer, max_length or saved_len or DEFAULT_MAX_LENGTH, source, provenance, pair,
+                      compute)
 
 
 def _load_config(source: str, spec: str | Path | None, hub: dict[str, Any], offline: str | None) -> Any:

@@ -24,6 +24,7 @@ def provenance_record(clf: Classifier, **fields: Any) -> dict[str, Any]:
         "model_type": clf.model.config.model_type,
         "num_labels": clf.num_labels,
         "input_format": clf.input_format(),
+        "precision": clf.precision,
         **fields,
     }
 

@@ -31,7 +31,7 @@ from unbackdoor.errors import DataError
 from unbackdoor.inference import collate, encode
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.callbacks import Callback, TrainContext
-from unbackdoor.training.loop import require_clean_dataset
+from unbackdoor.training.loop import compute_region, require_clean_dataset
 
 Mode = Literal["aligned", "mixed", "raw"]
 
@@ -167,7 +167,7 @@ class GradientAlignment(Callback):
         batches = self.reference_batches(ctx.state.global_step)
         for rows in batches:
             batch = collate(self.clf, [self._features[i] for i in rows], [labels[i] for i in rows])
-            with ctx.accelerator.autocast():
+            with compute_region(self.clf, ctx.config, ctx.accelerator):  # the step's own precision
                 loss = ctx.model(**{k: v.to(ctx.accelerator.device) for k, v in batch.items()}).loss
             for t, g in zip(total, torch.autograd.grad(loss, params, allow_unused=True), strict=True):
                 if g is not None:

@@ -211,21 +211,22 @@ def build_methods(config: FrequencyConfig) -> dict[str, TrainDefense]:
 
 
 def analyze_frequency(base: str | Path | None, poisoned: PoisonedTask, config: FrequencyConfig, *,
-                      max_length: int | None = None, allow_pickle: bool = False) -> dict[str, Any]:
+                      max_length: int | None = None, allow_pickle: bool = False,
+                      precision: str = "auto") -> dict[str, Any]:
     """Train each method on ``poisoned.train`` (flags unused) from ``base`` and record the band errors.
 
     Returns ``{"curves": {method: [records]}, "metrics": {method: {cacc, asr}}}``.
     """
     defences = build_methods(config)
     probe_model = load_classifier(base, num_labels=poisoned.train.num_labels, allow_pickle=allow_pickle,
-                                  max_length=max_length)
+                                  max_length=max_length, precision=precision)
     probes = build_probes(probe_model, poisoned, config)
     curves: dict[str, list[dict[str, Any]]] = {}
     metrics: dict[str, dict[str, Any]] = {}
     for name, defence in defences.items():
         seed = defence.train_config(probe_model).seed
         clf = load_classifier(base, num_labels=poisoned.train.num_labels, allow_pickle=allow_pickle,
-                              max_length=max_length, seed=seed)
+                              max_length=max_length, seed=seed, precision=precision)
         recorder = FrequencyRecorder(clf, probes, config.every, config.outputs)
         result = defence.fit(TrainInputs(clf, poisoned.train, poisoned.clean.dev), observers=[recorder])
         final = evaluate_classifier(result.model, poisoned.clean.test, poisoned.triggered_test, name=name)

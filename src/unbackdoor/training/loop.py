@@ -34,6 +34,7 @@ from unbackdoor.data.types import Dataset
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
+from unbackdoor.precision import autocast
 from unbackdoor.training.batching import epoch_batches, shard
 from unbackdoor.training.callbacks import Callback, TrainContext, TrainState
 from unbackdoor.training.config import TrainConfig
@@ -57,6 +58,7 @@ class TrainResult:
     examples_per_s: float
     peak_memory_mb: float
     resumed_from_step: int | None = None
+    precision: str = "fp32"  # the compute precision the steps ran in
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,9 +79,16 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
+def compute_region(clf: Classifier, config: TrainConfig, acc: Accelerator) -> Any:
+    """Where a training step's forward runs: Accelerate's autocast when the config asks for mixed
+    precision on an accelerator, else the classifier's own precision (bf16 autocast or fp32)."""
+    return acc.autocast() if config.mixed_precision != "no" else autocast(clf.precision, acc.device)
+
+
 def set_determinism(seed: int) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor costs ~13 % of a CPU step
 
 
 def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
@@ -89,7 +98,7 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, fused=True)
 
 
 def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
@@ -200,7 +209,8 @@ def _run_key(clf: Classifier, data: Dataset, dev: Dataset | None, config: TrainC
     whatever else the caller says defines the run (e.g. a defence's config)."""
     digest = hashlib.sha256()
     settings = config.model_dump(exclude={"progress"})
-    digest.update(json.dumps([settings, clf.source, clf.max_length, acc.num_processes], sort_keys=True).encode())
+    digest.update(json.dumps([settings, clf.source, clf.max_length, clf.precision, acc.num_processes],
+                             sort_keys=True).encode())
     if fingerprint is not None:
         digest.update(json.dumps(fingerprint, sort_keys=True, default=str).encode())
     for d in (data, dev):
@@ -298,7 +308,7 @@ def train_classifier(
             rows = batches[b_idx]
             batch = {k: v.to(acc.device) for k, v in collate(clf, [features[i] for i in rows], [labels[i] for i in rows]).items()}
             is_sync = (b_idx + 1) % config.gradient_accumulation_steps == 0 or b_idx + 1 == len(batches)
-            with (nullcontext() if is_sync else acc.no_sync(wrapped)), acc.autocast():
+            with (nullcontext() if is_sync else acc.no_sync(wrapped)), compute_region(clf, config, acc):
                 outputs = wrapped(**batch)
                 loss = outputs.loss if weights is None else _weighted_loss(outputs.logits, batch["labels"], weights[rows])
                 task_loss = loss
@@ -359,4 +369,5 @@ def train_classifier(
         examples_per_s=seen / wall if wall > 0 else 0.0,
         peak_memory_mb=peak_memory_mb(),
         resumed_from_step=resumed_from,
+        precision=clf.precision if config.mixed_precision == "no" else config.mixed_precision,
     )
