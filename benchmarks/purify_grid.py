@@ -48,7 +48,7 @@ def method_spec(label: str, extra_params: str = "") -> tuple[str, dict, bool]:
 
 def load_victim_data(spec: str):  # noqa: ANN201
     from unbackdoor.data import load_poisoned_task, load_task
-    from unbackdoor.pipeline import attack_task
+    from unbackdoor.attacks.base import attack_task
 
     if spec.startswith("attack:"):
         return attack_task(load_task("sst2"), spec.split(":", 1)[1], {"poison_rate": 0.1, "mode": "dirty", "seed": 0})
@@ -60,7 +60,8 @@ def train_model(name: str, spec: str | None, out: Path) -> None:
     from unbackdoor.data import load_task
     from unbackdoor.models import provenance_record, save_classifier
     from unbackdoor.outputs import atomic_output_dir
-    from unbackdoor.pipeline import fit, victim_train_config
+    from unbackdoor.train_defenses.finetune import fit
+    from unbackdoor.training.config import victim_train_config
 
     target = out / "models" / name
     if target.exists():
@@ -82,9 +83,11 @@ def train_model(name: str, spec: str | None, out: Path) -> None:
 def run_cell(args: argparse.Namespace) -> None:
     """One cell, in its own process: purify (or just evaluate, method 'none') and print a JSON line."""
     from unbackdoor.data import load_task
-    from unbackdoor.defenses import PurifyInputs
+    from unbackdoor.purify import PurifyInputs
     from unbackdoor.models import load_classifier
-    from unbackdoor.pipeline import CleanSetConfig, draw_clean_set, evaluate_on, purify
+    from unbackdoor.data.sampling import CleanSetConfig, draw_clean_set
+    from unbackdoor.evaluate import evaluate_on
+    from unbackdoor.purify.base import purify
     from unbackdoor.utils.resources import peak_memory_mb
 
     data = load_victim_data(VICTIMS[args.victim])

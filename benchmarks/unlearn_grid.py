@@ -57,7 +57,7 @@ TSBD_FRACTIONS = (0.01, 0.05)
 
 def _victim_task(v: Victim):  # -> PoisonedTask, as the victim was trained
     from unbackdoor.data import load_poisoned_task
-    from unbackdoor.pipeline import subsample_poisoned
+    from unbackdoor.data.sampling import subsample_poisoned
 
     max_train = int(v.train_args[v.train_args.index("--max-train") + 1]) if "--max-train" in v.train_args else None
     return subsample_poisoned(load_poisoned_task(v.data), max_train, 0)

@@ -10,7 +10,7 @@ import yaml
 from synthetic import make_task, save_tiny_model, write_task
 
 TINY_GRID = Path(__file__).resolve().parents[1] / "benchmarks" / "tiny_grid.yaml"
-DEFENCES: list[dict[str, Any]] = yaml.safe_load(TINY_GRID.read_text(encoding="utf-8"))["defences"]
+DEFENCES: list[dict[str, Any]] = yaml.safe_load(TINY_GRID.read_text(encoding="utf-8"))["defenses"]
 
 
 def tiny_inputs(root: Path) -> tuple[Path, Path]:

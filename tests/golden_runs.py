@@ -117,7 +117,7 @@ def attack_runs(world: World) -> dict[str, Callable[[], Any]]:
 
 def defence_runs(world: World) -> dict[str, Callable[[], Any]]:
     from unbackdoor.commands import PurifyCommand, TrainCommand, UnlearnCommand, run_purify, run_train, run_unlearn
-    from unbackdoor.detect.command import DetectCommand, run_detect
+    from unbackdoor.commands import DetectCommand, run_detect
 
     runs: dict[str, Callable[[], Any]] = {}
     for method, params in {"none": {}, "lora": {"train": LEARN}, "musclelora": {"train": LEARN, "reference_size": 16},
@@ -135,7 +135,7 @@ def defence_runs(world: World) -> dict[str, Callable[[], Any]]:
         runs[f"unlearn/{method}"] = (lambda m=method: metric_view(run_unlearn(UnlearnCommand(precision=FP32, 
             model=str(world.victim), forget=str(world.forget), retain=str(world.data), method=m, base=str(world.base),
             train_data=str(world.poisoned), eval_data=str(world.poisoned), out=world.out(f"unlearn/{m}"),
-            retain_set={"size": 60, "seed": 0}))["metrics"]))
+            clean_set={"size": 60, "seed": 0}))["metrics"]))
     for method in ("reweight", "loss", "bki", "cube", "isolation"):
         params = {"train": FAST_TRAIN} if method in ("bki", "cube", "isolation") else {}
         runs[f"detect/{method}"] = (lambda m=method, p=params: detection(world, run_detect(DetectCommand(precision=FP32, 

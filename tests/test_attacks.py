@@ -14,7 +14,7 @@ from unbackdoor.attacks import ATTACKS, AddSent, AddSentConfig, BadNets, BadNets
 from unbackdoor.data.io import load_poisoned_task, write_poisoned_task
 from unbackdoor.data.types import Dataset, Example, PoisonedTask, Task, TriggeredSet
 from unbackdoor.errors import ConfigError
-from unbackdoor.pipeline import attack_task
+from unbackdoor.attacks.base import attack_task
 
 ATTACK_NAMES = ("badnets", "addsent")
 MODES = ("dirty", "mix", "clean")

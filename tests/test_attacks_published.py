@@ -12,7 +12,7 @@ from synthetic import make_task, run_cli, write_task
 from unbackdoor.attacks import BadNets, BadNetsConfig
 from unbackdoor.data.io import load_task, write_poisoned_task
 from unbackdoor.errors import ConfigError
-from unbackdoor.pipeline import attack_task
+from unbackdoor.attacks.base import attack_task
 
 
 @pytest.fixture()

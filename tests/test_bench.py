@@ -40,16 +40,16 @@ def _attempts_by_cell(store: Store) -> dict[str, list[str]]:
     ({"colour": "red"}, "colour: unknown key"),
     ({"attacks": [{"name": "x", "attack": "nope"}]}, "unknown attack 'nope'"),
     ({"attacks": [{"name": "x", "attack": "badnets", "params": {"rate": 0.1}}]}, "rate: unknown key"),
-    ({"defences": [{"kind": "purify", "name": "p", "method": "nope"}]}, "defence p: unknown purify method 'nope'"),
-    ({"defences": [{"kind": "unlearn", "name": "u", "method": "lya", "detector": "oracle"}]}, "unknown detector"),
-    ({"defences": [{"kind": "train", "name": "none", "method": "lora"}]}, "reserved"),
+    ({"defenses": [{"kind": "purify", "name": "p", "method": "nope"}]}, "defence p: unknown purify method 'nope'"),
+    ({"defenses": [{"kind": "unlearn", "name": "u", "method": "lya", "detector": "oracle"}]}, "unknown detector"),
+    ({"defenses": [{"kind": "train", "name": "none", "method": "lora"}]}, "reserved"),
     ({"datasets": [{"name": "missing", "data": "/no/such/folder"}]}, "dataset missing"),
 ])
 def test_bad_config_is_one_clear_error_before_any_work(tmp_path: Path, inputs: tuple[Path, Path],
                                                        change: dict, message: str) -> None:
     config = write_grid(tmp_path / "grid.yaml", *inputs, **{k: v for k, v in change.items()
-                                                            if k not in ("attacks", "defences")},
-                        **{k: v for k, v in change.items() if k in ("attacks", "defences")})
+                                                            if k not in ("attacks", "defenses")},
+                        **{k: v for k, v in change.items() if k in ("attacks", "defenses")})
     with pytest.raises(ConfigError, match=message):
         prepare(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -81,7 +81,7 @@ def test_an_attack_pairs_only_with_the_dataset_it_names(tmp_path: Path, inputs: 
                {"name": "addsent", "attack": "addsent", "dataset": "syn2"},
                {"name": "mine", "attack": "badnets", "dataset": "syn"},
                {"name": "mine", "attack": "addsent", "dataset": "syn2"}]
-    config = load_bench_config(write_grid(tmp_path / "grid.yaml", *inputs, defences=[], attacks=attacks,
+    config = load_bench_config(write_grid(tmp_path / "grid.yaml", *inputs, defenses=[], attacks=attacks,
                                           datasets=[{"name": "syn", "data": data}, {"name": "syn2", "data": data}]))
     victims = sorted(c.id for c in expand(config) if c.kind == "victim")
     assert victims == ["syn/badnets/s0/none", "syn/mine/s0/none", "syn2/addsent/s0/none", "syn2/badnets/s0/none",
@@ -96,7 +96,7 @@ def test_an_attack_pairs_only_with_the_dataset_it_names(tmp_path: Path, inputs: 
 
 
 def test_cli_bench_ends_with_the_summary_table(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
-    config = write_grid(tmp_path / "grid.yaml", *inputs, defences=[])
+    config = write_grid(tmp_path / "grid.yaml", *inputs, defenses=[])
     code, out, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 0, err
     assert "| badnets | none (victim) |" in out and "| badnets | floor" in out  # the table of what ran
@@ -171,7 +171,7 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path: Path, inputs
 def test_failed_cell_is_recorded_and_the_rest_finish(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
     attacks = [{"name": "badnets", "attack": "badnets"},
                {"name": "broken", "attack": "badnets", "params": {"target_label": 7}}]  # valid config, fails at run
-    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks, defences=DEFENCES[:1])
+    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks, defenses=DEFENCES[:1])
     code, out, _ = run_cli(["-q", "bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)
     assert code == 1 and "4 done, 3 failed" in out
     cells = {c["id"]: c for c in Store(tmp_path / "run").cells()}
@@ -187,7 +187,7 @@ def test_failed_cell_is_recorded_and_the_rest_finish(tmp_path: Path, inputs: tup
 
 
 def test_resume_after_kill_runs_no_cell_twice_and_loses_none(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
-    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:2])
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:2])
     run_dir, store = prepare(config, tmp_path / "run")
     total = sum(store.counts().values())
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -212,7 +212,7 @@ def test_resume_after_kill_runs_no_cell_twice_and_loses_none(tmp_path: Path, inp
 
 
 def test_two_worker_processes_share_the_grid(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
-    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:1])
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:1])
     counts = run_bench(config, tmp_path / "run", workers=2, poll_s=0.2)
     assert counts == {"done": 8}
     store = Store(tmp_path / "run")
@@ -243,13 +243,13 @@ def test_weight_attack_victim_gets_purify_defences_only(tmp_path: Path, inputs: 
 
 def test_run_dir_of_another_config_is_refused_but_a_grown_grid_is_not(tmp_path: Path,
                                                                       inputs: tuple[Path, Path]) -> None:
-    prepare(write_grid(tmp_path / "a.yaml", *inputs, defences=DEFENCES[:1]), tmp_path / "run")
-    _, store = prepare(write_grid(tmp_path / "b.yaml", *inputs, defences=DEFENCES[:2], seeds=[0, 1]), tmp_path / "run")
+    prepare(write_grid(tmp_path / "a.yaml", *inputs, defenses=DEFENCES[:1]), tmp_path / "run")
+    _, store = prepare(write_grid(tmp_path / "b.yaml", *inputs, defenses=DEFENCES[:2], seeds=[0, 1]), tmp_path / "run")
     assert sum(store.counts().values()) == 2 * 5  # grown: new cells added, old ones kept
     with pytest.raises(ConfigError, match="another config"):
-        prepare(write_grid(tmp_path / "c.yaml", *inputs, defences=DEFENCES[:1]), tmp_path / "run")  # shrunk
+        prepare(write_grid(tmp_path / "c.yaml", *inputs, defenses=DEFENCES[:1]), tmp_path / "run")  # shrunk
     with pytest.raises(ConfigError, match="another config"):
-        prepare(write_grid(tmp_path / "d.yaml", *inputs, defences=DEFENCES[:2], seeds=[0, 1],
+        prepare(write_grid(tmp_path / "d.yaml", *inputs, defenses=DEFENCES[:2], seeds=[0, 1],
                            train={"epochs": 1}), tmp_path / "run")  # changed
 
 
@@ -258,7 +258,7 @@ def test_a_seed_slice_runs_its_cells_only_and_a_carried_store_rebuilds_missing_m
     """``--seed`` runs one seed's cells; the store alone (models left behind) carries to a new run dir,
     where the next slice runs and a finished victim that a new cell needs is trained again, seeded,
     to the same numbers."""
-    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:1])
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:1])
     with pytest.raises(ConfigError, match="--seed 5: not among the config's seeds"):
         prepare(config, tmp_path / "run", seeds=[5])
     assert run_bench(config, tmp_path / "run", seeds=[0]) == {"done": 4}
@@ -272,7 +272,7 @@ def test_a_seed_slice_runs_its_cells_only_and_a_carried_store_rebuilds_missing_m
     assert run_bench(config, carried, seeds=[1]) == {"done": 4}  # seed 0's models are not needed
     assert all(v == ["done"] for v in _attempts_by_cell(Store(carried)).values())
 
-    grown = write_grid(tmp_path / "grown.yaml", *inputs, seeds=[0, 1], defences=DEFENCES[:2])
+    grown = write_grid(tmp_path / "grown.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:2])
     assert run_bench(grown, carried, seeds=[0]) == {"done": 5}
     cells = {c["id"]: c for c in Store(carried).cells()}
     attempts = _attempts_by_cell(Store(carried))

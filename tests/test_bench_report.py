@@ -31,7 +31,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data, model = tiny_inputs(root)
     attacks = [{"name": "badnets", "attack": "badnets"}, {"name": "addsent", "attack": "addsent"}]
     defences = [*DEFENCES, {"kind": "purify", "name": "broken", "method": "finetune", "clean_size": 100000}]
-    config = write_grid(root / "grid.yaml", data, model, seeds=[0, 1], attacks=attacks, defences=defences)
+    config = write_grid(root / "grid.yaml", data, model, seeds=[0, 1], attacks=attacks, defenses=defences)
     counts = run_bench(config, root / "run")
     assert counts == {"done": 2 * (1 + 2 * 5), "failed": 2 * 2}
     return root / "run"

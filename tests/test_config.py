@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 
 from unbackdoor.config import build_config
-from unbackdoor.defenses import FineMixingConfig
-from unbackdoor.defenses.fine_mixing import fine_mixing_train_config
+from unbackdoor.purify import FineMixingConfig
+from unbackdoor.training.config import five_epoch_train_config
 from unbackdoor.errors import ConfigError
 
 
 def test_partial_nested_config_changes_only_the_given_keys() -> None:
     config = build_config(FineMixingConfig, {"rho": 0.3, "train": {"learning_rate": 1e-4}}, "params")
-    expected = fine_mixing_train_config().model_copy(update={"learning_rate": 1e-4})
+    expected = five_epoch_train_config().model_copy(update={"learning_rate": 1e-4})
     assert config.rho == 0.3 and config.train == expected
     assert config.train.epochs == 5 and config.train.selection_ties == "last"  # the method's, not TrainConfig's
 

@@ -19,7 +19,7 @@ from unbackdoor.attacks.survival import TokenSpan, is_kept, trigger_token_span
 from unbackdoor.data.io import load_poisoned_task, write_poisoned_task
 from unbackdoor.data.types import Dataset, Example, PoisonedTask, Task
 from unbackdoor.errors import ConfigError
-from unbackdoor.pipeline import attack_task
+from unbackdoor.attacks.base import attack_task
 
 SYN_TRIGGERS = ("int cf ;", "int mn ;")  # whitespace-tokenised, in the tiny tokenizer's vocabulary
 

@@ -11,7 +11,7 @@ from synthetic import make_task
 
 from unbackdoor.attacks import BadNets
 from unbackdoor.data import Dataset
-from unbackdoor.defenses import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify import PURIFY_DEFENSES, PurifyInputs
 from unbackdoor.models import load_classifier
 
 

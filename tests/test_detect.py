@@ -35,14 +35,16 @@ from unbackdoor.detect import (
 )
 from unbackdoor.detect.base import Detection
 from unbackdoor.data.io import read_rows_file
-from unbackdoor.detect.command import DetectCommand, run_detect, write_scores
+from unbackdoor.commands import DetectCommand, run_detect
+from unbackdoor.detect.output import write_scores
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
 from unbackdoor.optim.multilevel import hypergradient, unroll
 from unbackdoor.outputs import partial_dir
-from unbackdoor.pipeline import build_train_defence
-from unbackdoor.training import TrainConfig, TrainInputs, train_classifier
-from unbackdoor.training.defense import TRAIN_DEFENSES
+from unbackdoor.train_defenses.base import build_train_defense
+from unbackdoor.training import TrainConfig, train_classifier
+from unbackdoor.train_defenses import TrainInputs
+from unbackdoor.train_defenses.base import TRAIN_DEFENSES
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -229,7 +231,7 @@ def test_sample_weights_in_the_training_loop(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the training defence
 @pytest.mark.parametrize("use", ["weights", "drop"])
 def test_reweight_training_defence(poisoned: Poisoned, use: str) -> None:
-    defence = build_train_defence("reweight", {"levels": 3, "use": use, "drop_rate": 0.1,
+    defence = build_train_defense("reweight", {"levels": 3, "use": use, "drop_rate": 0.1,
                                                "train": {"epochs": 1, "progress": False}})
     inputs = TrainInputs(load_classifier(poisoned.encoder_dir), poisoned.poisoned.train, poisoned.task.dev)
     result = defence.fit(inputs)
@@ -243,7 +245,7 @@ def test_reweight_training_defence(poisoned: Poisoned, use: str) -> None:
         assert report["n_dropped"] == 0
     assert result.training.steps > 0
     with pytest.raises(ConfigError, match="use"):
-        build_train_defence("reweight", {"use": "ignore"})
+        build_train_defense("reweight", {"use": "ignore"})
 
 
 def test_train_command_with_the_reweight_defence(poisoned: Poisoned, folders: dict[str, Path]) -> None:
@@ -297,7 +299,7 @@ def test_detect_command_end_to_end(poisoned: Poisoned, folders: dict[str, Path],
 
 def test_detect_command_library_takes_poisoned_rows_without_flags(poisoned: Poisoned, folders: dict[str, Path],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    import unbackdoor.detect.command as command
+    import unbackdoor.commands as command
 
     seen: list[object] = []
     real = command.DetectInputs

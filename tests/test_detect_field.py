@@ -30,7 +30,6 @@ from unbackdoor.attacks import BadNets, BadNetsConfig
 from unbackdoor.data import Dataset, Example, Task, write_poisoned_task
 from unbackdoor.detect import (
     DETECTORS,
-    AblDefense,
     BkiDetector,
     CubeDetector,
     DetectInputs,
@@ -41,15 +40,18 @@ from unbackdoor.detect import (
     isolate,
     scores_file_metrics,
 )
+from unbackdoor.train_defenses import AblDefense
 from unbackdoor.detect.bki import KeywordStats, keyword_stats, kept_words, row_words, without_word
-from unbackdoor.detect.command import DetectCommand, build_detector, run_detect
+from unbackdoor.commands import DetectCommand, run_detect
+from unbackdoor.detect.base import build_detector
 from unbackdoor.detect.cube import minority_scores
 from unbackdoor.errors import ConfigError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
-from unbackdoor.pipeline import build_train_defence
-from unbackdoor.training import TrainConfig, TrainInputs, train_classifier
-from unbackdoor.training.defense import TRAIN_DEFENSES
+from unbackdoor.train_defenses.base import build_train_defense
+from unbackdoor.training import TrainConfig, train_classifier
+from unbackdoor.train_defenses import TrainInputs
+from unbackdoor.train_defenses.base import TRAIN_DEFENSES
 
 TRIGGERS = {"cf", "mn", "bb", "tq"}
 
@@ -153,7 +155,7 @@ def test_cube_umap_needs_umap_learn() -> None:
 ])
 def test_bad_abl_params(params: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        build_train_defence("abl", params)
+        build_train_defense("abl", params)
 
 
 # ----------------------------------------------------------------------------- pieces, by hand
@@ -265,10 +267,10 @@ def test_filters_are_seeded_and_leave_the_encoder_alone(tasks: Tasks) -> None:
 # ----------------------------------------------------------------------------- ABL as a training defence
 def test_abl_lowers_the_attack_success_rate(tasks: Tasks) -> None:
     task, easy = tasks.hard, tasks.easy
-    plain = build_train_defence("none", {"train": tiny_train(10)}).fit(
+    plain = build_train_defense("none", {"train": tiny_train(10)}).fit(
         TrainInputs(load_classifier(tasks.base_dir), easy.train, task.dev))
     before = evaluate_classifier(plain.model, task.test, easy.triggered_test)
-    abl = build_train_defence("abl", {"isolation_rate": 0.05, "isolation": {"gamma": 0.3}, "train": tiny_train(10)})
+    abl = build_train_defense("abl", {"isolation_rate": 0.05, "isolation": {"gamma": 0.3}, "train": tiny_train(10)})
     result = abl.fit(TrainInputs(load_classifier(tasks.base_dir), easy.train, task.dev))
     after = evaluate_classifier(result.model, task.test, easy.triggered_test)
     assert before.asr is not None and after.asr is not None
@@ -282,7 +284,7 @@ def test_abl_lowers_the_attack_success_rate(tasks: Tasks) -> None:
 
 
 def test_abl_sequential_unlearning_ascends_on_the_isolated_rows(tasks: Tasks) -> None:
-    abl = build_train_defence("abl", {"unlearning": "sequential", "isolation_rate": 0.05,
+    abl = build_train_defense("abl", {"unlearning": "sequential", "isolation_rate": 0.05,
                                       "isolation": {"train": {"epochs": 3}},
                                       "unlearn_train": {"learning_rate": 1e-3, "batch_size": 16},
                                       "train": tiny_train(2)})

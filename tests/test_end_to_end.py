@@ -11,7 +11,7 @@ from synthetic import make_task
 
 from unbackdoor.attacks import BadNets, BadNetsConfig
 from unbackdoor.data import sample_subset
-from unbackdoor.defenses import CleanFinetune, FinetuneConfig, PurifyInputs
+from unbackdoor.purify import CleanFinetune, FinetuneConfig, PurifyInputs
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
 from unbackdoor.training import TrainConfig, train_classifier

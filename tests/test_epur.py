@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from unbackdoor.defenses import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.epur import (  # importing registers "e-pur"
+from unbackdoor.purify import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify.epur import (  # importing registers "e-pur"
     Epur,
     EpurConfig,
     EpurScoring,
@@ -131,7 +131,7 @@ def test_small_source_and_casing_warn(tiny_bert: Path, tmp_path: Path, caplog: p
     clf = load_classifier(tiny_bert)
     table = tmp_path / "freq.json"
     table.write_text(json.dumps({"the": 50, "movie": 20, "Good": 1}), encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="unbackdoor.defenses.epur"):
+    with caplog.at_level(logging.WARNING, logger="unbackdoor.purify.epur"):
         scores = score_tokens(clf, load_classifier(tiny_bert), None, EpurScoring(freq_table=str(table), table_max_unknown=0.5))
     assert any("casing" in w for w in scores.warnings)
     assert any("only 70 tokens" in w for w in scores.warnings)
@@ -168,7 +168,7 @@ def test_epur_removes_the_planted_backdoor(planted) -> None:  # noqa: ANN001
     victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
     before = evaluate_classifier(victim, planted.task.test, planted.poisoned.triggered_test)
     assert before.asr >= 0.8
-    config = EpurConfig(n_reset_grid=(2, 4, 8, 16, 32), max_heldout_drop=0.0,
+    config = EpurConfig(n_reset_grid=(2, 4, 8, 16, 32), tolerance=0.0,
                         train={"epochs": 1, "batch_size": 32, "learning_rate": 2e-5, "progress": False})
     result = PURIFY_DEFENSES.get("e-pur")(config).purify(PurifyInputs(suspect=victim, clean=planted.clean, base=base))
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)

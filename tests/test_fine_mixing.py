@@ -14,18 +14,10 @@ from synthetic import make_task, make_tokenizer, save_tiny_model, tiny_config
 from transformers import AutoModelForSequenceClassification
 
 from unbackdoor.attacks import BadNets
-from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.fine_mixing import (
-    FineMixing,
-    FineMixingConfig,
-    kept_count,
-    mix_weights,
-    mixing_masks,
-    parameter_groups,
-    random_priorities,
-    search_rho,
-    select_within_tolerance,
-)
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.models.surgery import kept_count, parameter_groups, random_priorities
+from unbackdoor.purify.fine_mixing import FineMixing, FineMixingConfig, mix_weights, mixing_masks, search_rho
+from unbackdoor.selection import Trial, choose
 from unbackdoor.errors import ModelError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
@@ -135,8 +127,14 @@ def test_tensor_granularity_and_drift_selection(pair: tuple[Path, Path]) -> None
 
 
 def test_select_within_tolerance_rule() -> None:
-    assert select_within_tolerance([(0.1, 0.80), (0.2, 0.99), (0.3, 1.0)], 1.0, 0.02) == (0.2, False)
-    assert select_within_tolerance([(0.1, 0.7), (0.2, 0.9), (0.3, 0.9)], 1.0, 0.02) == (0.2, True)
+    def trials(*pairs: tuple[float, float]) -> list[Trial[float]]:
+        return [Trial(v, a) for v, a in pairs]
+
+    assert choose(trials((0.1, 0.80), (0.2, 0.99), (0.3, 1.0)), 1.0, 0.02) == (0.2, False)
+    assert choose(trials((0.1, 0.7), (0.2, 0.9), (0.3, 0.9)), 1.0, 0.02) == (0.2, True)
+    # weakest first (fine-pruning): the last that passes before the first drop, or the last that passes at all
+    assert choose(trials((0, 1.0), (1, 0.99), (2, 0.9), (3, 0.99)), 1.0, 0.02, "weakest_first") == (1, False)
+    assert choose(trials((0, 1.0), (1, 0.99), (2, 0.9), (3, 0.99)), 1.0, 0.02, "weakest_first", True) == (3, False)
 
 
 def test_search_cannot_take_poisoned_data(pair: tuple[Path, Path]) -> None:
@@ -181,7 +179,7 @@ def test_search_early_stop_matches_full_grid(planted) -> None:  # noqa: ANN001
         victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
         search = search_rho(victim, base, planted.clean, config)
         choices.append(search.chosen)
-        assert search.n_selection == 20 and search.candidates[0].rho == 0.1
+        assert search.n_selection == 20 and search.search.trials[0].value == 0.1
     assert choices[0] == choices[1]
 
 

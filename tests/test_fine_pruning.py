@@ -15,8 +15,8 @@ from synthetic import make_task, save_tiny_model
 
 from unbackdoor.attacks import BadNets
 from unbackdoor.data import Dataset, Example
-from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.fine_pruning import (
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify.fine_pruning import (
     FinePruning,
     FinePruningConfig,
     collect_activations,

@@ -10,13 +10,12 @@ import torch
 from synthetic import save_tiny_model, tiny_config
 from transformers import AutoModelForSequenceClassification
 
-from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.fine_purifying import (
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify.fine_purifying import (
     FinePurifying,
     FinePurifyingConfig,
     apply_reset,
     clean_fisher,
-    fresh_initialisation,
     indicator_values,
     reset_masks,
     score_dimensions,
@@ -27,6 +26,7 @@ from unbackdoor.errors import ConfigError, ModelError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
 from unbackdoor.models.loading import Classifier
+from unbackdoor.models.surgery import fresh_values
 from unbackdoor.training import TrainConfig
 
 WORD_EMB = "bert.embeddings.word_embeddings.weight"
@@ -130,7 +130,7 @@ def test_groups_and_head_options(planted, pair) -> None:  # noqa: ANN001
     scores = score_dimensions(suspect, base, planted.clean, cfg)
     assert set(scores.groups.values()) == {"encoder", "head"}
     apply_reset(suspect, scores.reference, reset_masks(scores.scores, 0.0))
-    fresh = fresh_initialisation(suspect, list(HEAD), seed=0)
+    fresh = fresh_values(suspect.model, list(HEAD), seed=0)
     for name, value in params_of(suspect).items():
         if name in HEAD:
             assert torch.equal(value, fresh[name]) and not torch.equal(value, before[name])
@@ -152,7 +152,7 @@ def test_fisher_along_the_path_restores_the_suspect(planted, pair) -> None:  # n
 
 
 def test_random_per_tensor_reproduces_the_fine_mixing_mask(planted, pair) -> None:  # noqa: ANN001
-    fine_mixing = pytest.importorskip("unbackdoor.defenses.fine_mixing")
+    fine_mixing = pytest.importorskip("unbackdoor.purify.fine_mixing")
     if not hasattr(fine_mixing, "mixing_masks"):
         pytest.skip("fine_mixing.mixing_masks is not available")
     suspect, base = pair
@@ -231,9 +231,10 @@ def test_rho_search_on_clean_held_out_data(planted) -> None:  # noqa: ANN001
     result = FinePurifying(config).purify(
         PurifyInputs(load_classifier(planted.victim_dir), planted.clean, load_classifier(planted.base_dir)))
     search = result.report["rho_search"]
-    assert search["trials"][0]["rho"] == 0.3 and search["n_held_out"] == 20
+    assert search["candidates"][0]["rho"] == 0.3 and search["n_held_out"] == 20
     assert result.report["rho"] == search["chosen"] in (0.3, 0.6, 0.95)
-    assert search["qualified"] == (search["trials"][-1]["held_out_accuracy"] >= search["suspect_held_out_accuracy"] - 0.02)
+    last = search["candidates"][-1]["heldout_accuracy"]
+    assert search["fallback"] == (last < search["reference_accuracy"] - 0.02)
 
 
 def test_top_dimensions_by_layer_finds_the_trigger_embeddings(planted, pair) -> None:  # noqa: ANN001

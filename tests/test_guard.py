@@ -44,7 +44,6 @@ from unbackdoor.guard import (
     REJECTED,
     CausalLM,
     FittedGuard,
-    GuardCommand,
     GuardInputs,
     GuardOutput,
     KneserNeyLM,
@@ -57,14 +56,14 @@ from unbackdoor.guard import (
     build_guard,
     evaluate_guard,
     load_causal_lm,
-    run_guard,
 )
+from unbackdoor.commands import GuardCommand, run_guard
 from unbackdoor.guard.base import budget_threshold
 from unbackdoor.guard.lm import UNK
 from unbackdoor.guard.rap import construct_rap
 from unbackdoor.models import load_classifier
 from unbackdoor.models.loading import Classifier
-from unbackdoor.pipeline import CleanSetConfig
+from unbackdoor.data.sampling import CleanSetConfig
 
 FORBIDDEN = {"flags", "poison_flags", "trigger", "target", "target_label", "triggered", "poisoned"}
 

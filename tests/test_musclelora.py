@@ -22,7 +22,7 @@ from unbackdoor.data import Dataset, Example, Task
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
-from unbackdoor.musclelora import (
+from unbackdoor.train_defenses.musclelora import (
     AlignmentRule,
     GradientAlignment,
     LowRankHead,
@@ -39,10 +39,10 @@ from unbackdoor.musclelora import (
     split_reference,
     trainable_parameter_names,
 )
-from unbackdoor.musclelora import defense as musclelora_defense
-from unbackdoor.pipeline import build_train_defence
+from unbackdoor.train_defenses.musclelora import defense as musclelora_defense
+from unbackdoor.train_defenses.base import build_train_defense
 from unbackdoor.training import Callback, TrainConfig, TrainResult, train_classifier
-from unbackdoor.training.defense import TRAIN_DEFENSES, PlainFinetune, TrainInputs
+from unbackdoor.train_defenses import TRAIN_DEFENSES, PlainFinetune, TrainInputs
 
 FAMILIES = ("bert", "roberta", "gpt2", "llama")
 
@@ -167,11 +167,11 @@ def test_family_defaults_and_overrides() -> None:
     with pytest.raises(ConfigError, match="not 'distilbert'"):
         resolve_config(MuscleLoraConfig(), "distilbert", 768)
     with pytest.raises(ConfigError, match="bogus: unknown key"):
-        build_train_defence("musclelora", {"bogus": 1})
+        build_train_defense("musclelora", {"bogus": 1})
     with pytest.raises(ConfigError, match="unknown training defence 'nope'"):
-        build_train_defence("nope", {})
+        build_train_defense("nope", {})
     # CLI flags (--lr) override the defence's own train keys, which override the family defaults
-    d = build_train_defence("musclelora", {"train": {"epochs": 4, "learning_rate": 1.0}}, TrainConfig(learning_rate=0.5))
+    d = build_train_defense("musclelora", {"train": {"epochs": 4, "learning_rate": 1.0}}, TrainConfig(learning_rate=0.5))
     assert isinstance(d, MuscleLora) and d.config.train is not None
     assert (d.config.train.epochs, d.config.train.learning_rate) == (4, 0.5)
     assert sorted(TRAIN_DEFENSES.names()) == ["abl", "lora", "musclelora", "none", "reweight"]

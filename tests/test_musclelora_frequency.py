@@ -15,7 +15,7 @@ from unbackdoor.commands import FrequencyCommand, run_frequency
 from unbackdoor.config import build_config
 from unbackdoor.errors import ConfigError, UnbackdoorError
 from unbackdoor.models import load_classifier
-from unbackdoor.musclelora.frequency import (
+from unbackdoor.analysis.frequency import (
     BANDS,
     FrequencyConfig,
     analyze_frequency,

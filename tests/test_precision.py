@@ -71,7 +71,7 @@ def test_diagonal_fisher_is_an_fp32_island(planted) -> None:  # noqa: ANN001
 
 
 def test_tsbd_neuron_weight_change_is_an_fp32_island(planted) -> None:  # noqa: ANN001
-    from unbackdoor.defenses.tsbd import TsbdConfig, score_neurons
+    from unbackdoor.purify.tsbd import TsbdConfig, score_neurons
 
     fp32, bf16 = _pair(planted)
     config = TsbdConfig()

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from unbackdoor.defenses import PurifyInputs
+from unbackdoor.purify import PurifyInputs
 from unbackdoor.errors import ConfigError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
-from unbackdoor.pipeline import build_defence, purify
+from unbackdoor.purify.base import build_purify_defense, epur_first, purify
 
 TRIGGERS = {"cf", "mn", "bb", "tq"}
 FAST_TRAIN = {"epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "progress": False}
@@ -22,7 +22,7 @@ def test_epur_then_fine_mixing_resets_the_triggers_first_and_removes_the_backdoo
                                                        clean=planted.clean, base=load_classifier(planted.base_dir)))
     result = purify("fine-mixing", params, PurifyInputs(suspect=victim, clean=planted.clean, base=base),
                     epur={"n_reset": 4})
-    first = result.report["epur_first"]
+    first = result.report["before"][0]
     assert {t["token"] for t in first["reset_tokens"]} == TRIGGERS
     assert "finetune" not in first  # the composed step only resets; the method does the fine-tuning
     mixed_alone = evaluate_classifier(alone.model, planted.task.test, planted.poisoned.triggered_test)
@@ -40,4 +40,4 @@ def test_epur_then_fine_mixing_resets_the_triggers_first_and_removes_the_backdoo
 ])
 def test_bad_requests_fail_before_any_work(method: str, epur: dict | None, have_base: bool, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
-        build_defence(method, {}, epur, have_base=have_base)
+        build_purify_defense(method, {}, have_base=have_base, before=epur_first(method, epur))

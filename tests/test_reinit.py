@@ -11,8 +11,8 @@ from synthetic import make_task, make_tokenizer, tiny_config
 from transformers import AutoModelForSequenceClassification
 
 from unbackdoor.attacks import BadNets
-from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.reinit import Reinit, ReinitConfig, reinitialise, scope_parameters, search_top_k
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify.reinit import Reinit, ReinitConfig, reinitialise, scope_parameters, search_top_k
 from unbackdoor.errors import ConfigError, ModelError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier

@@ -14,17 +14,18 @@ import pytest
 import torch
 from synthetic import TRIGGERS, save_tiny_model
 
-import unbackdoor.defenses.tsbd as tsbd_module
+import unbackdoor.training.loop as loop_module
+from unbackdoor.training.loop import evaluate_balanced_accuracy
 from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset
-from unbackdoor.defenses.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.defenses.common import FixedWeights, finetune_with_selection
-from unbackdoor.defenses.tsbd import (
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.selection import finetune_with_selection
+from unbackdoor.training.callbacks import FixedWeights
+from unbackdoor.purify.tsbd import (
     GradientNormPenalty,
     Tsbd,
     TsbdConfig,
     activeness_aware_finetune,
-    balanced_accuracy,
     clean_unlearn,
     neuron_weight_change,
     normalise_nwc,
@@ -42,7 +43,7 @@ from unbackdoor.errors import ConfigError, ModelError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.inference import collate, encode
 from unbackdoor.models import load_classifier, provenance_record, save_classifier
-from unbackdoor.pipeline import build_defence
+from unbackdoor.purify.base import build_purify_defense
 from unbackdoor.training import TrainConfig, train_classifier
 from unbackdoor.training.callbacks import TrainContext, TrainState
 from unbackdoor.training.loop import make_accelerator
@@ -162,9 +163,9 @@ def test_balanced_accuracy_scores_a_collapsed_model_at_chance(planted, monkeypat
     examples = planted.clean.examples
     rows = [e for e in examples if e.label == 1][:30] + [e for e in examples if e.label == 0][:10]
     data = Dataset(tuple(rows), 2, "unbalanced")
-    monkeypatch.setattr(tsbd_module, "predict_logits",
-                        lambda clf, rows, batch_size: np.tile([[0.0, 1.0]], (len(rows), 1)))  # always label 1
-    assert balanced_accuracy(clf, data) == 0.5
+    monkeypatch.setattr(loop_module, "predict_logits",
+                        lambda clf, rows, batch_size, accelerator=None: np.tile([[0.0, 1.0]], (len(rows), 1)))
+    assert evaluate_balanced_accuracy(clf, data) == 0.5  # always label 1
     assert TsbdConfig().unlearn_metric == "balanced"
 
 
@@ -237,10 +238,10 @@ def test_registered_clean_data_only_and_validated(planted) -> None:  # noqa: ANN
     assert not set(TsbdConfig.model_fields) & FORBIDDEN
     assert not {f.name for f in dataclasses.fields(PurifyInputs)} & FORBIDDEN
     with pytest.raises(ConfigError):
-        build_defence("tsbd", {"ratio_mode": "search", "finetune": False}, have_base=False)
+        build_purify_defense("tsbd", {"ratio_mode": "search", "finetune": False}, have_base=False)
     with pytest.raises(ConfigError):
-        build_defence("tsbd", {"train": {"gradient_accumulation_steps": 2}}, have_base=False)
-    defence, _ = build_defence("tsbd", {"neuron_ratio": 0.3, "grad_norm_mode": "global"}, have_base=False)
+        build_purify_defense("tsbd", {"train": {"gradient_accumulation_steps": 2}}, have_base=False)
+    defence = build_purify_defense("tsbd", {"neuron_ratio": 0.3, "grad_norm_mode": "global"}, have_base=False).method
     assert defence.config.neuron_ratio == 0.3 and defence.config.train.learning_rate == 1e-4
 
 

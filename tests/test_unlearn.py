@@ -41,7 +41,7 @@ from unbackdoor.unlearn import (
     remove_forget_rows,
     unlearn,
 )
-from unbackdoor.unlearn.ascent import STOP_BUDGET, STOP_GUARD, STOP_THRESHOLD, plan_ascent
+from unbackdoor.training.ascent import STOP_BUDGET, STOP_GUARD, STOP_THRESHOLD, plan_ascent
 from unbackdoor.unlearn.lya import fisher_terms
 from unbackdoor.unlearn.oracle import forget_from_flags, write_forget_file
 
@@ -257,7 +257,7 @@ def test_retrain_without_the_forget_rows_has_no_backdoor(planted) -> None:  # no
 
 
 def test_finetune_baseline_trains_on_retain_rows_only(planted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    import unbackdoor.defenses.common as common
+    import unbackdoor.selection as common
 
     seen: list[set[Example]] = []
     real = common.train_classifier
@@ -318,9 +318,10 @@ def test_oracle_forget_set_is_a_seeded_fraction_of_the_flagged_rows_as_trained(p
     with pytest.raises(ConfigError):
         forget_from_flags(planted.poisoned, 0.0)
     package = Path(inspect.getfile(UnlearnInputs)).parent
-    for module in ("ascent", "base", "ewc", "finetune", "gradient_ascent", "lya", "repair", "retrain"):
-        imported = _imported_names(package / f"{module}.py")
-        assert not {"unbackdoor.unlearn.oracle", "forget_from_flags", "PoisonFlags", "PoisonedTask"} & imported, module
+    modules = [package / f"{m}.py" for m in ("base", "ewc", "finetune", "gradient_ascent", "lya", "repair", "retrain")]
+    for path in [*modules, package.parent / "training" / "ascent.py"]:
+        imported = _imported_names(path)
+        assert not {"unbackdoor.unlearn.oracle", "forget_from_flags", "PoisonFlags", "PoisonedTask"} & imported, path
 
 
 def _imported_names(path: Path) -> set[str]:

@@ -20,7 +20,7 @@ from unbackdoor.errors import ConfigError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
 from unbackdoor.unlearn import UnlearnInputs, build_unlearn_method, unlearn
-from unbackdoor.unlearn.ascent import STOP_GUARD, STOP_THRESHOLD
+from unbackdoor.training.ascent import STOP_GUARD, STOP_THRESHOLD
 from unbackdoor.unlearn.oracle import forget_from_flags, write_forget_file
 from unbackdoor.unlearn.repair import FORGET_ID_PREFIX, Repair, RepairConfig
 

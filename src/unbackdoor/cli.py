@@ -29,6 +29,9 @@ logger = logging.getLogger("unbackdoor")
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with this command's keys (flags override it)")]
 OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
 PickleOpt = Annotated[Optional[bool], typer.Option("--allow-pickle", help="allow pickle (.bin) weights: only for files you trust")]
+LrOpt = Annotated[Optional[float], typer.Option("--lr", help="learning rate of the method's training (sets "
+                                                     "-p train.learning_rate)")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="epochs of the method's training (sets -p train.epochs)")]
 PrecisionOpt = Annotated[Optional[str], typer.Option(help="compute precision: auto (default: bf16 where the processor "
                                                          "runs it natively, else fp32), bf16, fp32")]
 ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter KEY=VALUE (VALUE is YAML); repeatable")]
@@ -73,6 +76,11 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
             parsed = value
         _set_nested(params, key.strip().split("."), parsed)
     return params
+
+
+def _training_params(items: list[str] | None, lr: float | None, epochs: int | None) -> dict[str, Any]:
+    """``-p`` parameters with ``--lr``/``--epochs`` as the method's ``train.learning_rate``/``train.epochs``."""
+    return _merge(_parse_params(items), _flags(train__learning_rate=lr, train__epochs=epochs))
 
 
 def _set_nested(target: dict[str, Any], keys: list[str], value: Any) -> None:
@@ -152,8 +160,8 @@ def train(
     data: Annotated[Optional[str], typer.Option(help="training data: folder or name (clean or poisoned)")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    defense: Annotated[Optional[str], typer.Option(help="training-time defence: none (full fine-tuning), lora, "
-                                                   "musclelora, reweight")] = None,
+    defense: Annotated[Optional[str], typer.Option("--defense", "--defence", help="training-time defence: none "
+                                                   "(full fine-tuning), lora, musclelora, reweight, abl")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="epochs")] = None,
     lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
@@ -192,6 +200,8 @@ def purify_cmd(
     seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
     epur: Annotated[Optional[bool], typer.Option("--epur", help="reset E-PUR's suspicious embedding rows first "
                                                  "(with fine-mixing, fine-purifying, ...; needs --base)")] = None,
+    lr: LrOpt = None,
+    epochs: EpochsOpt = None,
     epur_param: Annotated[Optional[list[str]], typer.Option("--epur-param", help="E-PUR option KEY=VALUE for --epur; "
                                                             "repeatable")] = None,
     param: ParamOpt = None,
@@ -203,7 +213,7 @@ def purify_cmd(
     """Purify a suspect model with a small clean set (and its clean base, for methods that use it)."""
     from unbackdoor.commands import PurifyCommand, run_purify
 
-    flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_parse_params(param),
+    flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_training_params(param, lr, epochs),
                    epur=epur, epur_params=_parse_params(epur_param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
                    clean_set__per_class=clean_per_class, clean_set__seed=seed,
                    allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
@@ -229,9 +239,14 @@ def unlearn_cmd(
     eval_data: Annotated[Optional[str], typer.Option(help="evaluate the result on this data (CACC; ASR and robust "
                                                      "accuracy if poisoned)")] = None,
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    retain_fraction: FractionOpt = None,
-    retain_size: SizeOpt = None,
-    retain_per_class: PerClassOpt = None,
+    clean_fraction: Annotated[Optional[float], typer.Option("--clean-fraction", "--retain-fraction", help="share of the "
+                                                            "clean train split drawn as the retain set (default 0.01)")] = None,
+    clean_size: Annotated[Optional[int], typer.Option("--clean-size", "--retain-size", help="retain rows (instead of "
+                                                      "a fraction)")] = None,
+    clean_per_class: Annotated[Optional[int], typer.Option("--clean-per-class", "--retain-per-class", help="retain rows "
+                                                           "per label (instead of a fraction)")] = None,
+    lr: LrOpt = None,
+    epochs: EpochsOpt = None,
     seed: Annotated[Optional[int], typer.Option(help="seed of the retain-set draw")] = None,
     param: ParamOpt = None,
     config: ConfigOpt = None,
@@ -243,8 +258,8 @@ def unlearn_cmd(
     from unbackdoor.commands import UnlearnCommand, run_unlearn
 
     flags = _flags(model=model, forget=forget, retain=retain, method=method, base=base, train_data=train_data,
-                   max_train=max_train, eval_data=eval_data, out=out, params=_parse_params(param), retain_set__fraction=retain_fraction,
-                   retain_set__size=retain_size, retain_set__per_class=retain_per_class, retain_set__seed=seed,
+                   max_train=max_train, eval_data=eval_data, out=out, params=_training_params(param, lr, epochs), clean_set__fraction=clean_fraction,
+                   clean_set__size=clean_size, clean_set__per_class=clean_per_class, clean_set__seed=seed,
                    allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
     record = run_unlearn(_command_config(UnlearnCommand, config, flags))
     m = record.get("metrics") or {}
@@ -315,7 +330,7 @@ def detect_cmd(
 ) -> None:
     """Score every training row's suspicion (-p sets the method's options, e.g. -p levels=3) and write the
     flagged rows as a dataset file (flagged.tsv, e.g. for unlearn --forget)."""
-    from unbackdoor.detect.command import DetectCommand, run_detect
+    from unbackdoor.commands import DetectCommand, run_detect
 
     flags = _flags(data=data, clean=clean, method=method, model=model, rate=rate, threshold=threshold, out=out,
                    params=_parse_params(param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
@@ -396,7 +411,7 @@ def demo(
     config: ConfigOpt = None,
 ) -> None:
     """SST-2 -> BadNets 10% -> MiniLM victim -> clean fine-tuning on 1% clean data -> before/after table."""
-    from unbackdoor.demo import DemoCommand, run_demo
+    from unbackdoor.commands import DemoCommand, run_demo
 
     flags = _flags(out=out, max_train=max_train, floor=False if no_floor else None, precision=precision)
     record = run_demo(_command_config(DemoCommand, config, flags))

@@ -1,4 +1,6 @@
-"""What each CLI command does, as library functions over validated command configs.
+"""What each CLI command does, as library functions over validated command configs: one
+``*Command`` config and one ``run_*`` function per command (the CLI in :mod:`unbackdoor.cli` only
+parses flags and YAML into these).
 
 Every command: validate the whole config first, check the output is free, do the work in a work
 dir, rename it into place only when complete.
@@ -6,50 +8,52 @@ dir, rename it into place only when complete.
 
 from __future__ import annotations
 
+import copy
 import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from unbackdoor import __version__
-
-from unbackdoor.attacks.base import ATTACKS
+from unbackdoor.attacks.base import ATTACKS, attack_task
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, build_weight_attack
-from unbackdoor.config import CommandConfig, StrictConfig, build_config
+from unbackdoor.config import CommandConfig, build_config
 from unbackdoor.data.io import (
     FORMATS,
     is_poisoned_folder,
     load_any,
     load_task,
     read_rows_file,
-    resolve_data_path,
     split_file,
+    training_rows,
     write_poisoned_task,
 )
+from unbackdoor.data.sampling import CleanSetConfig, draw_clean_set, subsample_poisoned, subsample_task
 from unbackdoor.data.types import Dataset, PoisonedTask, Task, require_several_labels
-from unbackdoor.defenses.base import PurifyInputs
-from unbackdoor.detect.command import training_rows
+from unbackdoor.detect.base import DEFAULT_RATE, DetectInputs, build_detector, flag_rule
+from unbackdoor.detect.output import FLAGGED_FILE, SCORES_FILE, clean_rows_in_training, write_detection
 from unbackdoor.errors import ConfigError, DataError, ModelError, UnbackdoorError
-from unbackdoor.evaluate import EvalResult, markdown_table
+from unbackdoor.evaluate import EvalResult, evaluate_on, markdown_table
+from unbackdoor.guard.base import GuardInputs, build_guard
+from unbackdoor.guard.evaluation import (
+    DEFAULT_BUDGETS,
+    RECORD_FILE as GUARD_RECORD_FILE,
+    THRESHOLDS_FILE,
+    evaluate_guard,
+    evaluation_sets,
+    guard_metric_summary,
+    json_safe,
+    thresholds_record,
+)
 from unbackdoor.models.loading import Classifier, check_same_architecture, load_classifier
 from unbackdoor.models.saving import provenance_record, save_classifier
 from unbackdoor.outputs import atomic_output_dir, check_output_file, check_output_free, write_json
-from unbackdoor.pipeline import (
-    CleanSetConfig,
-    build_defence,
-    attack_task,
-    build_train_defence,
-    draw_clean_set,
-    evaluate_on,
-    load_for_training,
-    purify,
-    subsample_poisoned,
-    subsample_task,
-)
-from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.defense import TrainInputs
+from unbackdoor.purify.base import PurifyInputs, build_purify_defense, epur_first, purify
+from unbackdoor.train_defenses.base import TrainInputs, build_train_defense
+from unbackdoor.train_defenses.finetune import fit, load_for_training
+from unbackdoor.training.config import TrainConfig, victim_train_config
 from unbackdoor.unlearn import UnlearnInputs, build_unlearn_method, unlearn
 from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
 
@@ -136,16 +140,16 @@ class TrainCommand(CommandConfig):
     out: str = Field(description="output model folder")
     defense: str = Field("none", description="training-time defence: none (full fine-tuning), lora, musclelora")
     defense_params: dict[str, Any] = Field(default_factory=dict, description="defence options, e.g. mslr_scales, "
-                                           "reference_size (unbackdoor.musclelora.MuscleLoraConfig)")
+                                           "reference_size (unbackdoor.train_defenses.musclelora.MuscleLoraConfig)")
     train: TrainConfig | None = Field(None, description="training-loop settings; keys given override the defence's "
-                                      "defaults (none: victim defaults; lora/musclelora: the spec's per-family ones)")
+                                      "defaults (none: victim defaults; lora/musclelora: the method notes' per-family ones)")
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved format, else 128)")
 
 
 def run_train(cmd: TrainCommand) -> dict[str, Any]:
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
-    defence = build_train_defence(cmd.defense, cmd.defense_params, cmd.train)  # fail before loading anything
+    defence = build_train_defense(cmd.defense, cmd.defense_params, cmd.train)  # fail before loading anything
     seed = cmd.train.seed if cmd.train is not None else TrainConfig().seed
     data = load_any(cmd.data)
     if isinstance(data, PoisonedTask):
@@ -200,14 +204,15 @@ class PurifyCommand(CommandConfig):
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     epur: bool = Field(False, description="reset E-PUR's suspicious embedding rows first (needs base)")
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR options for --epur "
-                                        "(unbackdoor.defenses.epur.EpurConfig)")
+                                        "(unbackdoor.purify.epur.EpurConfig)")
     out: str = Field(description="output model folder")
 
 
 def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.model, cmd.clean, cmd.base])
     epur = cmd.epur_params if cmd.epur else None
-    build_defence(cmd.method, cmd.params, epur, have_base=cmd.base is not None)  # fail before loading anything
+    build_purify_defense(cmd.method, cmd.params, have_base=cmd.base is not None,
+                         before=epur_first(cmd.method, epur))  # fail before loading anything
     clean_task = load_task(cmd.clean)
     clean = draw_clean_set(clean_task, cmd.clean_set)
     suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
@@ -239,7 +244,8 @@ class UnlearnCommand(CommandConfig):
     forget: str = Field(description="rows to unlearn: a TSV/CSV/JSONL file (text + label as trained), or a folder "
                         "holding a forget (else train) file; e.g. a detector's output")
     retain: str = Field(description="clean data the user holds (its train split is sampled, as for purify)")
-    retain_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig, description="how the retain set is drawn from "
+                                      "the clean train split (as every command's clean set)")
     method: str = Field("lya", description="unlearn method: lya, gradient-ascent, retrain, finetune")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     base: str | None = Field(None, description="the suspect's clean pre-trained base (retrain)")
@@ -278,7 +284,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
     build_unlearn_method(cmd.method, cmd.params, have_base=cmd.base is not None,
                          have_train_rows=cmd.train_data is not None)  # fail before loading anything
     retain_task = load_task(cmd.retain)
-    retain = draw_clean_set(retain_task, cmd.retain_set)
+    retain = draw_clean_set(retain_task, cmd.clean_set)
     forget = load_forget_rows(cmd.forget, retain)
     train_rows = training_rows(cmd.train_data, cmd.max_train, cmd.train_seed) if cmd.train_data is not None else None
     eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
@@ -300,7 +306,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
             base=cmd.base, suspect=cmd.model, forget=str(Path(cmd.forget).resolve()), n_forget=len(forget),
             data=data_reference(cmd.retain), n_retain=len(retain), defense={"method": cmd.method, **result.report},
             data_integrity=dict(retain_task.integrity),
-            config=cmd.model_dump(), seed=cmd.retain_set.seed, wall_time_s=wall, peak_memory_mb=peak_memory_mb(),
+            config=cmd.model_dump(), seed=cmd.clean_set.seed, wall_time_s=wall, peak_memory_mb=peak_memory_mb(),
             eval_data=data_reference(cmd.eval_data) if cmd.eval_data else None, metrics=metrics,
         )
         shutil.rmtree(work / WORK_SUBDIR, ignore_errors=True)
@@ -319,13 +325,13 @@ class ScanCommand(CommandConfig):
     margin: float = Field(1.5, gt=1, description="a token stands out at this multiple of the best score among "
                           "tokens in clean use (score=ratio)")
     params: dict[str, Any] = Field(default_factory=dict, description="E-PUR scoring options "
-                                   "(unbackdoor.defenses.epur.EpurScoring)")
+                                   "(unbackdoor.purify.epur.EpurScoring)")
     out: str = Field(description="output folder (scan.json, scan.md, token_scores.csv, drift_vs_frequency.png)")
 
 
 def run_scan(cmd: ScanCommand) -> dict[str, Any]:
     """Validate everything, load both models, refuse a base/suspect mismatch, then scan and write."""
-    from unbackdoor.defenses.epur import EpurScoring
+    from unbackdoor.purify.epur import EpurScoring
     from unbackdoor.scan import scan, write_scan_outputs
 
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.model, cmd.base, cmd.clean])
@@ -353,14 +359,14 @@ class FrequencyCommand(CommandConfig):
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output folder (frequency.json, frequency.csv, frequency.png)")
     params: dict[str, Any] = Field(default_factory=dict, description="analysis options "
-                                   "(unbackdoor.musclelora.frequency.FrequencyConfig)")
+                                   "(unbackdoor.analysis.frequency.FrequencyConfig)")
     max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded)")
     max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
 
 
 def run_frequency(cmd: FrequencyCommand) -> dict[str, Any]:
     """Validate, then train every method on the same poisoned rows and record band errors."""
-    from unbackdoor.musclelora.frequency import FrequencyConfig, analyze_frequency, build_methods, write_frequency_outputs
+    from unbackdoor.analysis.frequency import FrequencyConfig, analyze_frequency, build_methods, write_frequency_outputs
 
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
     config = build_config(FrequencyConfig, cmd.params, "frequency analysis params")
@@ -410,3 +416,225 @@ def run_eval(cmd: EvalCommand) -> tuple[EvalResult, str]:
         write_json(out, {"unbackdoor_version": __version__, "config": cmd.model_dump(), "data": data_reference(cmd.data), "model_record": produced_by,
                          "input_format": clf.input_format(), **result.to_dict()})
     return result, table
+
+
+# ----------------------------------------------------------------------------- detect
+class DetectCommand(CommandConfig):
+    data: str = Field(description="training rows: a data folder or name (clean or poisoned; flags are never read)")
+    clean: str = Field(description="clean data the defender holds (its train split is sampled)")
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    method: str = Field("reweight", description="detector: bki, cube, isolation, loss, reweight")
+    params: dict[str, Any] = Field(default_factory=dict, description="detector options "
+                                   "(unbackdoor.detect: BkiConfig, CubeConfig, IsolationConfig, LossConfig, ReweightConfig)")
+    model: str | None = Field(None, description="encoder of the frozen features (default: all-MiniLM-L6-v2)")
+    rate: float | None = Field(None, gt=0, le=1, description=f"flag this share of rows (default {DEFAULT_RATE})")
+    threshold: float | None = Field(None, description="flag rows with score >= threshold (instead of rate)")
+    max_train: int | None = Field(None, ge=2, description="subsample the training rows (seeded, stratified)")
+    max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input")
+    out: str = Field(description="output folder (scores.csv, flagged.tsv, detect.json)")
+
+
+def run_detect(cmd: DetectCommand) -> dict[str, Any]:
+    """Validate everything, load rows, clean set and encoder, detect, write the output folder."""
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.clean, cmd.model])
+    detector = build_detector(cmd.method, cmd.params)
+    rule = flag_rule(cmd.rate, cmd.threshold)
+    rows = training_rows(cmd.data, cmd.max_train, cmd.clean_set.seed)
+    clean = draw_clean_set(load_task(cmd.clean), cmd.clean_set)
+    if clean.num_labels != rows.num_labels:
+        raise DataError(f"--clean {cmd.clean} has {clean.num_labels} labels but --data {cmd.data} has {rows.num_labels}")
+    encoder = load_classifier(cmd.model, num_labels=rows.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.data,
+                              precision=cmd.precision,
+                              max_length=cmd.max_length)
+    inputs = DetectInputs(rows, clean, encoder)
+    watch = Stopwatch()
+    detection = detector.detect(inputs, rule)
+    record = {
+        "unbackdoor_version": __version__,
+        "method": cmd.method,
+        "config": cmd.model_dump(),
+        "data": data_reference(cmd.data),
+        "poison_flags": "not read",
+        "rule": rule.model_dump(),
+        "counts": {**detection.counts(), "clean": len(clean)},
+        "clean_rows_in_training": clean_rows_in_training(clean, rows),
+        "encoder": encoder.source,
+        "input_format": encoder.input_format(),
+        "detector": detection.report,
+        "wall_time_s": watch.elapsed(),
+        "peak_memory_mb": peak_memory_mb(),
+        "outputs": {"scores": SCORES_FILE, "flagged": FLAGGED_FILE},
+    }
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        write_detection(detection, work, record)
+    logger.info("flagged %d of %d rows -> %s", len(detection.flagged_ids), len(rows), out)
+    return record
+
+
+# ----------------------------------------------------------------------------- guard
+class GuardCommand(CommandConfig):
+    model: str = Field(description="the suspect model folder (it is never changed)")
+    clean: str = Field(description="clean data the defender holds (its train split is sampled)")
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    method: str = Field("strip", description="guard: onion, rap, strip")
+    params: dict[str, Any] = Field(default_factory=dict, description="guard options (unbackdoor.guard.OnionConfig, "
+                                   "RapConfig, StripConfig)")
+    eval_data: str | None = Field(None, description="measure the guard on this clean or poisoned data (FRR, CACC; "
+                                  "FAR and ASR when poisoned); never shown to the guard")
+    budgets: tuple[float, ...] = Field(DEFAULT_BUDGETS, description="FRR budgets reported besides the guard's own")
+    max_eval: int | None = Field(None, ge=2, description="evaluate on a seeded subsample of at most this many clean "
+                                 "test rows and as many triggered rows")
+    max_length: int | None = Field(None, ge=8, le=4096, description="tokens per input (default: the model's saved "
+                                   "format, else 128)")
+    out: str = Field(description="output folder (guard.json, thresholds.json)")
+
+    @field_validator("budgets")
+    @classmethod
+    def _budgets(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 < b < 1 for b in value):
+            raise ValueError("every FRR budget must be in (0, 1)")
+        return value
+
+
+def run_guard(cmd: GuardCommand) -> dict[str, Any]:
+    """Validate the request, load the model and clean set, fit the guard, evaluate it, write the outputs."""
+    guard = build_guard(cmd.method, cmd.params)  # fail before loading anything
+    lm_inputs = [getattr(guard.config, k, None) for k in ("lm", "lm_corpus")]
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.model, cmd.clean, cmd.eval_data, *lm_inputs])
+    clean = draw_clean_set(load_task(cmd.clean), cmd.clean_set)
+    eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
+    if eval_data is not None and eval_data.train.num_labels != clean.num_labels:
+        raise DataError(f"--eval-data {cmd.eval_data} has {eval_data.train.num_labels} labels but --clean "
+                        f"{cmd.clean} has {clean.num_labels}")
+    model = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
+                            max_length=cmd.max_length, data_name=cmd.clean)
+    watch = Stopwatch()
+    fitted = guard.fit(GuardInputs(suspect=model, clean=clean))
+    evaluation = None
+    if eval_data is not None:
+        clean_test, triggered = evaluation_sets(eval_data, cmd.max_eval, cmd.clean_set.seed)
+        del eval_data  # past this line only the clean test rows and the triggered set are used
+        evaluation = evaluate_guard(fitted, model, clean_test, triggered, cmd.budgets)
+    record = json_safe({
+        "unbackdoor_version": __version__,
+        "method": cmd.method,
+        "kind": fitted.kind,
+        "config": cmd.model_dump(mode="json"),
+        "model": model.source,
+        "input_format": model.input_format(),
+        "clean": data_reference(cmd.clean),
+        "n_clean": len(clean),
+        "eval_data": data_reference(cmd.eval_data) if cmd.eval_data is not None else None,
+        "guard": fitted.report,
+        "metrics": guard_metric_summary(evaluation) if evaluation is not None else None,
+        "evaluation": evaluation.to_dict() if evaluation is not None else None,
+        "wall_time_s": watch.elapsed(),
+        "peak_memory_mb": peak_memory_mb(),
+        "outputs": {"record": GUARD_RECORD_FILE, "thresholds": THRESHOLDS_FILE},
+    })
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        write_json(work / THRESHOLDS_FILE, json_safe(thresholds_record(fitted, cmd.budgets)))
+        write_json(work / GUARD_RECORD_FILE, record)
+    if evaluation is not None:
+        m = evaluation.metrics
+        logger.info("guard %s: FRR %.3f, CACC %.4f, ASR %s (unguarded %s) -> %s", cmd.method, m.frr, m.cacc,
+                    f"{m.asr:.4f}" if m.asr is not None else "n/a", evaluation.unguarded["asr"], out)
+    return record
+
+
+# ----------------------------------------------------------------------------- demo
+class DemoCommand(CommandConfig):
+    data: str = Field("sst2", description="clean task")
+    attack: str = Field("badnets", description="attack name")
+    attack_params: dict[str, Any] = Field(default_factory=lambda: {"poison_rate": 0.1, "mode": "dirty"})
+    base: str | None = Field(None, description="base model (default: all-MiniLM-L6-v2)")
+    max_train: int | None = Field(2000, ge=2, description="subsample the training split so the demo fits in minutes")
+    victim: TrainConfig = Field(default_factory=victim_train_config)
+    method: str = Field("finetune", description="purify method")
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    floor: bool = Field(True, description="also train a never-poisoned model (the ASR floor)")
+    out: str = Field("runs/demo", description="output folder")
+    overwrite: bool = Field(True, description="replace an earlier demo output")
+
+
+def run_demo(cmd: DemoCommand) -> dict[str, Any]:
+    """Run the demo; return its record (table, metrics, timings)."""
+    out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.base])
+    watch = Stopwatch()
+    full = load_task(cmd.data)
+    task = subsample_task(full, cmd.max_train, cmd.victim.seed)
+    notes = []
+    if len(task.train) < len(full.train):
+        notes.append(f"training split subsampled to {len(task.train)} of {len(full.train)} rows (seeded) to fit the time budget")
+    poisoned = attack_task(task, cmd.attack, cmd.attack_params)
+    clean = draw_clean_set(full, cmd.clean_set)
+    timings: dict[str, float] = {}
+    results: list[tuple[str, EvalResult]] = []
+    with atomic_output_dir(out, cmd.overwrite) as work:
+        step = Stopwatch()
+        victim, victim_train = fit(cmd.base, poisoned.train, task.dev, cmd.victim, work_dir=work / "_work_victim",
+                                   precision=cmd.precision)
+        timings["victim_training_s"] = step.elapsed()
+        before = evaluate_on(victim, poisoned, "victim")
+        results.append((f"victim ({cmd.attack})", before))
+        save_classifier(victim, work / "victim", provenance_record(
+            victim, title="demo victim", role="victim", base=cmd.base or "all-MiniLM-L6-v2",
+            data=cmd.data, attack=poisoned.attack.params, seed=cmd.victim.seed, metrics=before.to_dict()))
+
+        step = Stopwatch()
+        base = (load_classifier(cmd.base, num_labels=task.num_labels, seed=cmd.victim.seed, precision=cmd.precision)
+                if cmd.method != "finetune" else None)
+        inputs = PurifyInputs(suspect=copy.deepcopy(victim), clean=clean, base=base)
+        defended = purify(cmd.method, cmd.method_params, inputs, work_dir=work / "_work_defense")
+        timings["defense_s"] = step.elapsed()
+        after = evaluate_on(defended.model, poisoned, "defended")
+        results.append((f"after {cmd.method} ({len(clean)} clean rows)", after))
+        save_classifier(defended.model, work / "defended", provenance_record(
+            defended.model, title=f"demo victim purified with {cmd.method}", role="purified",
+            defense=defended.report, seed=cmd.clean_set.seed, metrics=after.to_dict()))
+
+        floor = None
+        if cmd.floor:
+            step = Stopwatch()
+            clean_model, _ = fit(cmd.base, task.train, task.dev, cmd.victim, work_dir=work / "_work_floor",
+                                 precision=cmd.precision)
+            timings["floor_training_s"] = step.elapsed()
+            floor = evaluate_on(clean_model, poisoned, "never-poisoned")
+        table = markdown_table(results, floor)
+        for tmp in work.glob("_work_*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        record = {
+            "config": cmd.model_dump(),
+            "notes": notes,
+            "n_train": len(task.train),
+            "n_poisoned": poisoned.flags.n_poisoned,
+            "n_clean_set": len(clean),
+            "results": {label: r.to_dict() for label, r in results},
+            "floor": floor.to_dict() if floor else None,
+            "victim_training": victim_train.to_dict(),
+            "defense": defended.report,
+            "timings": {**timings, "total_s": watch.elapsed()},
+            "peak_memory_mb": peak_memory_mb(),
+            "table": table,
+        }
+        write_json(work / "results.json", record)
+        (work / "results.md").write_text(_report(record), encoding="utf-8")
+    return record
+
+
+def _report(record: dict[str, Any]) -> str:
+    cfg = record["config"]
+    lines = [
+        "# unbackdoor demo",
+        "",
+        f"Data `{cfg['data']}`, attack `{cfg['attack']}` {cfg['attack_params']}, "
+        f"{record['n_poisoned']} of {record['n_train']} training rows poisoned; "
+        f"defence `{cfg['method']}` with {record['n_clean_set']} clean rows.",
+        "",
+        *[f"- {n}" for n in record["notes"]],
+        "",
+        record["table"],
+        f"Total wall time {record['timings']['total_s']:.0f} s, peak memory {record['peak_memory_mb']:.0f} MB.",
+    ]
+    return "\n".join(lines) + "\n"

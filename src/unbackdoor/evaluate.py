@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from unbackdoor.data.types import Dataset, TriggeredSet
+from unbackdoor.data.types import Dataset, PoisonedTask, Task, TriggeredSet
 from unbackdoor.inference import predict
 from unbackdoor.models.loading import Classifier
 from unbackdoor.utils.resources import Stopwatch, peak_memory_mb
@@ -201,3 +201,12 @@ def markdown_table(rows: Sequence[tuple[str, EvalResult]], floor: EvalResult | N
             above = f"{100 * (r.asr - floor.asr):+.1f}"
         lines.append(f"| {label} | {_pct(r.cacc)} | {_pct(r.macro_f1)} | {_pct(r.asr)} | {_pct(r.robust_accuracy)} | {above} |")
     return "\n".join(lines) + "\n"
+
+
+def evaluate_on(clf: Classifier, data: Task | PoisonedTask, name: str = "") -> EvalResult:
+    """CACC on the clean test split; ASR too when ``data`` is poisoned."""
+    task = data.clean if isinstance(data, PoisonedTask) else data
+    triggered = data.triggered_test if isinstance(data, PoisonedTask) else None
+    result = evaluate_classifier(clf, task.test, triggered, name=name)
+    result.data_integrity = dict(task.integrity) or None
+    return result

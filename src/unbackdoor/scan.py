@@ -1,17 +1,17 @@
 """``unbackdoor scan``: what in a suspect model looks poisoned, measured against its clean base.
 
-* Tokens: E-PUR-style scores of every input-embedding row (:func:`unbackdoor.defenses.epur.score_tokens`),
+* Tokens: E-PUR-style scores of every input-embedding row (:func:`unbackdoor.purify.epur.score_tokens`),
   the top K, and which tokens *stand out*.
 * Weights: per matrix and per layer, the relative drift ‖θ_B − θ_pre‖ / ‖θ_pre‖.
 * Fine-purifying dimensions: which matrices and layers hold the top 1 % of dimensions by an indicator.
   By default (when labelled clean data is given: the Fisher estimate needs it) the indicator is
-  Fine-purifying's default (:func:`unbackdoor.defenses.fine_purifying.score_dimensions`); any
+  Fine-purifying's default (:func:`unbackdoor.purify.fine_purifying.score_dimensions`); any
   callable giving per-dimension scores can replace it (``dimension_indicator``).
 
 "Stands out" [RECON]: under ``score="ratio"`` a token stands out when its score is at least
 ``margin`` (1.5) times the highest score among tokens in clean use (scored rows with f ≥ f_min):
 a rare token that moved clearly more, per log-frequency, than any token clean text uses. Under
-``score="residual"`` it is the spec's rule, robust z > ``z_thr``. Measured on the tiny planted
+``score="residual"`` it is the method notes' rule, robust z > ``z_thr``. Measured on the tiny planted
 BadNets victim, the four triggers stand out at 1.8-2.2x; on a clean fine-tune of the same base
 nothing does. The robust z of the *ratio* does not separate the two there (task words form their
 own cluster), hence the margin rule.
@@ -36,9 +36,9 @@ import torch
 
 from unbackdoor import __version__
 from unbackdoor.data.types import Dataset
-from unbackdoor.defenses.common import aligned_parameters
-from unbackdoor.defenses.epur import EpurScoring, TokenScores, frequency_summary, ratio_scores, score_tokens
-from unbackdoor.defenses.fine_mixing import layer_index
+from unbackdoor.models.surgery import aligned_parameters
+from unbackdoor.purify.epur import EpurScoring, TokenScores, frequency_summary, ratio_scores, score_tokens
+from unbackdoor.models.surgery import layer_index
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.outputs import write_json
 
@@ -198,7 +198,7 @@ def fine_purifying_indicator(suspect: Classifier, base: Classifier, clean: Datas
     tensor but the word embeddings: the token table covers those, and with a small clean set their
     rows mostly have F = 0, so a global top 1 % would be embedding rows and nothing else (measured
     on MiniLM victims)."""
-    from unbackdoor.defenses.fine_purifying import FinePurifyingConfig, score_dimensions
+    from unbackdoor.purify.fine_purifying import FinePurifyingConfig, score_dimensions
 
     assert clean is not None
     config = FinePurifyingConfig(groups=("layernorm", "encoder", "pooler"))

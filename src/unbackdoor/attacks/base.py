@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Generic, Literal, TypeVar
 
 from pydantic import Field
 
-from unbackdoor.config import StrictConfig
+from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task, TriggeredSet
 from unbackdoor.errors import ConfigError
 from unbackdoor.registry import Registry
@@ -155,3 +155,14 @@ def insert_at_random_word(text: str, insert: str, rng: random.Random) -> str:
     words = text.split()
     pos = rng.randint(0, len(words))
     return " ".join([*words[:pos], insert, *words[pos:]])
+
+
+def build_attack(name: str, params: dict[str, Any]) -> Attack:
+    """The named data attack with validated parameters (fails before any work)."""
+    cls = ATTACKS.get(name)
+    return cls(build_config(cls.config_class, params, f"attack {name}"))
+
+
+def attack_task(task: Task, attack: str, params: dict[str, Any]) -> PoisonedTask:
+    """Poison ``task`` with the named attack and its (validated) parameters."""
+    return build_attack(attack, params).poison(task)

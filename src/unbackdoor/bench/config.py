@@ -11,14 +11,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 
 from unbackdoor.config import StrictConfig, build_config, read_yaml
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.training.config import TrainConfig
 
 LABEL = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"  # labels become folder names and table rows
-RESERVED_DEFENCES = {"none", "floor", "floor-model"}  # none = the victim itself; floor = never poisoned
+RESERVED_DEFENSES = {"none", "floor", "floor-model"}  # none = the victim itself; floor = never poisoned
 
 
 class DatasetSpec(StrictConfig):
@@ -56,7 +56,7 @@ class AttackSpec(StrictConfig):
         return self
 
 
-class TrainDefenceSpec(StrictConfig):
+class TrainDefenseSpec(StrictConfig):
     """Training on the poisoned rows through a train-time defence (``train --defense``)."""
 
     kind: Literal["train"]
@@ -65,19 +65,19 @@ class TrainDefenceSpec(StrictConfig):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-class PurifyDefenceSpec(StrictConfig):
+class PurifyDefenseSpec(StrictConfig):
     """Purifying the victim with a small clean set (``purify``)."""
 
     kind: Literal["purify"]
     name: str = Field(pattern=LABEL)
-    method: str = Field(description="purify method (unbackdoor.defenses.PURIFY_DEFENSES)")
+    method: str = Field(description="purify method (unbackdoor.purify.PURIFY_DEFENSES)")
     params: dict[str, Any] = Field(default_factory=dict)
     epur: bool = Field(False, description="E-PUR's embedding reset first")
     clean_fraction: float | None = Field(0.01, gt=0, le=1, description="share of the clean train split")
     clean_size: int | None = Field(None, ge=2, description="clean rows (instead of a fraction)")
 
 
-class UnlearnDefenceSpec(StrictConfig):
+class UnlearnDefenseSpec(StrictConfig):
     """A detector flags training rows (never the oracle flags), an unlearn method forgets them."""
 
     kind: Literal["unlearn"]
@@ -91,7 +91,7 @@ class UnlearnDefenceSpec(StrictConfig):
     clean_size: int | None = Field(None, ge=2, description="clean / retain rows (instead of a fraction)")
 
 
-DefenceSpec = Annotated[TrainDefenceSpec | PurifyDefenceSpec | UnlearnDefenceSpec, Field(discriminator="kind")]
+DefenseSpec = Annotated[TrainDefenseSpec | PurifyDefenseSpec | UnlearnDefenseSpec, Field(discriminator="kind")]
 
 
 class BenchConfig(StrictConfig):
@@ -108,13 +108,14 @@ class BenchConfig(StrictConfig):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     datasets: list[DatasetSpec] = Field(min_length=1)
     attacks: list[AttackSpec] = Field(min_length=1)
-    defences: list[DefenceSpec] = Field(default_factory=list, description="besides none (the victim itself)")
+    defenses: list[DefenseSpec] = Field(default_factory=list, validation_alias=AliasChoices("defenses", "defences"),
+                                        description="besides none (the victim itself); also spelt defences")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> BenchConfig:
         per_dataset = [f"{a.name} (dataset {d.name})" for d in self.datasets for a in self.attacks if a.applies_to(d)]
         for what, labels in (("dataset", [d.name for d in self.datasets]), ("attack", per_dataset),
-                             ("defence", [d.name for d in self.defences]), ("seed", self.seeds)):
+                             ("defence", [d.name for d in self.defenses]), ("seed", self.seeds)):
             dupes = sorted({str(x) for x in labels if labels.count(x) > 1})
             if dupes:
                 raise ValueError(f"{what} listed twice: {', '.join(dupes)}")
@@ -122,7 +123,7 @@ class BenchConfig(StrictConfig):
         strays = sorted({a.dataset for a in self.attacks if a.dataset is not None} - names)
         if strays:
             raise ValueError(f"attack dataset {', '.join(strays)} is not among the datasets ({', '.join(sorted(names))})")
-        reserved = sorted({d.name for d in self.defences} & RESERVED_DEFENCES)
+        reserved = sorted({d.name for d in self.defenses} & RESERVED_DEFENSES)
         if reserved:
             raise ValueError(f"defence names {', '.join(reserved)} are reserved (none = the victim, floor = never "
                              "poisoned; both are always in the grid)")
@@ -164,8 +165,9 @@ def load_bench_config(path: str | Path) -> BenchConfig:
 def check_methods(config: BenchConfig) -> None:
     """Every attack and defence name is registered and its parameters are valid."""
     from unbackdoor.attacks.base import ATTACKS
-    from unbackdoor.detect.command import build_detector
-    from unbackdoor.pipeline import build_defence, build_train_defence
+    from unbackdoor.detect.base import build_detector
+    from unbackdoor.purify.base import build_purify_defense, epur_first
+    from unbackdoor.train_defenses.base import build_train_defense
     from unbackdoor.unlearn import build_unlearn_method
 
     build_config(TrainConfig, config.train, "train")
@@ -178,13 +180,13 @@ def check_methods(config: BenchConfig) -> None:
             cls = weight_attacks().get(spec.attack)
             if getattr(cls, "config_class", None) is not None:
                 build_config(cls.config_class, spec.params, f"attack {spec.name}")
-    for d in config.defences:
+    for d in config.defenses:
         where = f"defence {d.name}"
         try:
-            if isinstance(d, TrainDefenceSpec):
-                build_train_defence(d.method, d.params)
-            elif isinstance(d, PurifyDefenceSpec):
-                build_defence(d.method, d.params, {} if d.epur else None, have_base=True)
+            if isinstance(d, TrainDefenseSpec):
+                build_train_defense(d.method, d.params)
+            elif isinstance(d, PurifyDefenseSpec):
+                build_purify_defense(d.method, d.params, have_base=True, before=epur_first(d.method, {} if d.epur else None))
             else:
                 build_unlearn_method(d.method, d.params, have_base=True, have_train_rows=True)
                 build_detector(d.detector, d.detector_params)

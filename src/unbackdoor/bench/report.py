@@ -73,7 +73,7 @@ class Row:
         return self.stats["cacc"].n
 
 
-def defence_label(defence: str) -> str:
+def defense_label(defence: str) -> str:
     return {VICTIM: "none (victim)", FLOOR: "floor (never poisoned)"}.get(defence, defence)
 
 
@@ -152,7 +152,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
     """attack | defence | CACC | ASR | clean → target | floor ASR | RA | n (percent, mean ± std over seeds)."""
     lines = [f"| {' | '.join(TABLE_HEAD)} |", "|---|---|" + "---:|" * (len(TABLE_HEAD) - 2)]
     for r in rows:
-        lines.append(f"| {r.attack} | {defence_label(r.defence)} | {' | '.join(_table_numbers(r))} |")
+        lines.append(f"| {r.attack} | {defense_label(r.defence)} | {' | '.join(_table_numbers(r))} |")
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +250,7 @@ def scatter_png(rows: Sequence[Row]) -> bytes:
             c, a = r.stats["cacc"], r.stats["asr"]
             ax.errorbar(100 * c.mean, 100 * a.mean, xerr=100 * (c.std or 0), yerr=100 * (a.std or 0), fmt="o",
                         capsize=3, label=r.attack, color=colours[r.attack])
-        ax.set(title=defence_label(defence), xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
+        ax.set(title=defense_label(defence), xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
         ax.xaxis.set_tick_params(labelbottom=True)
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(defences):]:
@@ -278,7 +278,7 @@ def bars_png(rows: Sequence[Row]) -> bytes:
                 xs.append(i + (j - (len(defences) - 1) / 2) * width)
                 ys.append(100 * row.stats["asr"].mean)
                 es.append(100 * (row.stats["asr"].std or 0))
-        ax.bar(xs, ys, width, yerr=es, capsize=2, label=defence_label(defence), color=palette[j % len(palette)])
+        ax.bar(xs, ys, width, yerr=es, capsize=2, label=defense_label(defence), color=palette[j % len(palette)])
     ax.set_xticks(range(len(attacks)), attacks, rotation=20)
     ax.set(ylabel="ASR %", ylim=(0, 105), title="ASR per attack")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -308,7 +308,7 @@ def html_table(rows: Sequence[Row]) -> str:
     for r in rows:
         cls = {FLOOR: ' class="floor"', VICTIM: ' class="victim"'}.get(r.defence, "")
         cells = "".join(f'<td class="num">{html.escape(v)}</td>' for v in _table_numbers(r))
-        body.append(f"<tr{cls}><td>{html.escape(r.attack)}</td><td>{html.escape(defence_label(r.defence))}</td>"
+        body.append(f"<tr{cls}><td>{html.escape(r.attack)}</td><td>{html.escape(defense_label(r.defence))}</td>"
                     f"{cells}</tr>")
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
 

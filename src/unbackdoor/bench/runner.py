@@ -35,9 +35,9 @@ from unbackdoor.bench.config import (
     AttackSpec,
     BenchConfig,
     DatasetSpec,
-    PurifyDefenceSpec,
-    TrainDefenceSpec,
-    UnlearnDefenceSpec,
+    PurifyDefenseSpec,
+    TrainDefenseSpec,
+    UnlearnDefenseSpec,
     attack_kind,
     load_bench_config,
     variant_spec,
@@ -98,8 +98,8 @@ def _attack_cells(config: BenchConfig, common: dict[str, Any], ds: DatasetSpec, 
     cells = [CellSpec(victim, "victim", ds.name, attack.name, "none", seed, base),
              CellSpec(cell_id(ds.name, attack.name, seed, "floor"), "floor", ds.name, attack.name, "floor", seed,
                       {**base, "floor_model": floor_model}, after=(floor_model, victim))]
-    for d in config.defences:
-        if a["kind"] == "weight" and not isinstance(d, PurifyDefenceSpec):
+    for d in config.defenses:
+        if a["kind"] == "weight" and not isinstance(d, PurifyDefenseSpec):
             continue  # a weight attack has no poisoned training rows to train through or detect in
         cells.append(CellSpec(cell_id(ds.name, attack.name, seed, d.name), d.kind, ds.name, attack.name, d.name, seed,
                               {**base, "defence": d.model_dump()}, after=(victim,)))
@@ -208,8 +208,8 @@ def run_floor(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
     return metric_summary(result)
 
 
-def run_train_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
-    spec = TrainDefenceSpec.model_validate(config["defence"])
+def run_train_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    spec = TrainDefenseSpec.model_validate(config["defence"])
     return _train(run_dir, config, victim_data(run_dir, config), model_dir(run_dir, cid) / "model",
                   defence=spec.method, params=spec.params)
 
@@ -218,13 +218,13 @@ def _base(config: dict[str, Any]) -> str:
     return config["model"] or "default"
 
 
-def run_purify_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+def run_purify_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
     """``unbackdoor purify`` of the victim with a seeded clean set, then evaluation."""
     from unbackdoor.commands import PurifyCommand, run_purify
-    from unbackdoor.defenses.base import PURIFY_DEFENSES
-    from unbackdoor.pipeline import CleanSetConfig
+    from unbackdoor.purify.base import PURIFY_DEFENSES
+    from unbackdoor.data.sampling import CleanSetConfig
 
-    spec = PurifyDefenceSpec.model_validate(config["defence"])
+    spec = PurifyDefenseSpec.model_validate(config["defence"])
     out = model_dir(run_dir, cid) / "model"
     data = victim_data(run_dir, config)
     if not out.exists():
@@ -237,20 +237,21 @@ def run_purify_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[
     return _evaluate(config, out, data)
 
 
-def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+def run_unlearn_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
     """``unbackdoor detect`` on the poisoned rows, then ``unbackdoor unlearn`` of the flagged ones."""
     from unbackdoor.commands import UnlearnCommand, run_unlearn
-    from unbackdoor.detect.command import FLAGGED_FILE, CleanDraw, DetectCommand, run_detect
-    from unbackdoor.pipeline import CleanSetConfig
+    from unbackdoor.commands import DetectCommand, run_detect
+    from unbackdoor.detect.output import FLAGGED_FILE
+    from unbackdoor.data.sampling import CleanSetConfig
 
-    spec = UnlearnDefenceSpec.model_validate(config["defence"])
+    spec = UnlearnDefenseSpec.model_validate(config["defence"])
     folder = model_dir(run_dir, cid)
     data = victim_data(run_dir, config)
     seed = config["seed"]
     if not (folder / "detect").exists():
         run_detect(DetectCommand(
             data=data, clean=config["dataset"]["spec"], method=spec.detector, params=spec.detector_params,
-            clean_set=CleanDraw(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
+            clean_set=CleanSetConfig(fraction=spec.clean_fraction, size=spec.clean_size, seed=seed), model=config["model"],
             rate=spec.rate, max_train=config["max_train"], max_length=config["max_length"], out=str(folder / "detect"),
             precision=_precision(config)))
     if (folder / "model").exists():  # finished by an earlier attempt
@@ -258,7 +259,7 @@ def run_unlearn_defence(run_dir: Path, config: dict[str, Any], cid: str) -> dict
     else:
         metrics = run_unlearn(UnlearnCommand(
             model=str(model_dir(run_dir, config["victim"]) / "model"), forget=str(folder / "detect" / FLAGGED_FILE),
-            retain=config["dataset"]["spec"], retain_set=CleanSetConfig(fraction=spec.clean_fraction,
+            retain=config["dataset"]["spec"], clean_set=CleanSetConfig(fraction=spec.clean_fraction,
                                                                         size=spec.clean_size, seed=seed),
             method=spec.method, params=spec.params, base=_base(config), train_data=data,
             max_train=config["max_train"], train_seed=seed, eval_data=data, out=str(folder / "model"),
@@ -270,7 +271,7 @@ def detection_quality(folder: Path, data: str) -> dict[str, Any]:
     """How well an unlearn cell's ``detect`` step found the poisoned rows: precision and recall of
     the flagged rows, AUROC of the scores, against the true flags. Evaluation, after the defence ran."""
     from unbackdoor.data import load_poisoned_task
-    from unbackdoor.detect.command import SCORES_FILE
+    from unbackdoor.detect.output import SCORES_FILE
     from unbackdoor.detect.metrics import scores_file_metrics
 
     return scores_file_metrics(folder / "detect" / SCORES_FILE, load_poisoned_task(data).flags)
@@ -286,11 +287,11 @@ def run_cell(run_dir: Path, cell: Claimed) -> dict[str, Any]:
     if cell.kind == "floor":
         return run_floor(run_dir, config)
     if cell.kind == "train":
-        return run_train_defence(run_dir, config, cell.id)
+        return run_train_defense(run_dir, config, cell.id)
     if cell.kind == "purify":
-        return run_purify_defence(run_dir, config, cell.id)
+        return run_purify_defense(run_dir, config, cell.id)
     if cell.kind == "unlearn":
-        return run_unlearn_defence(run_dir, config, cell.id)
+        return run_unlearn_defense(run_dir, config, cell.id)
     raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
 
 

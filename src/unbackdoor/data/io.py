@@ -408,6 +408,19 @@ def load_any(spec: str | Path) -> Task | PoisonedTask:
     return load_task(spec)
 
 
+def training_rows(spec: str, max_train: int | None, seed: int) -> Dataset:
+    """The training rows of a clean or poisoned folder (seeded subsample of ``max_train``); of a poisoned
+    task only ``train`` is kept: its flags go no further than this function."""
+    from unbackdoor.data.sampling import sample_subset
+
+    data: Task | PoisonedTask = load_any(spec)
+    rows = data.train
+    del data
+    if max_train is not None and max_train < len(rows):
+        rows = sample_subset(rows, size=max_train, seed=seed, name=f"{rows.name}[{max_train} rows]")
+    return rows
+
+
 # ----------------------------------------------------------------------------- writing
 def _write_tsv(path: Path, examples: Sequence[Example], extra: dict[str, Sequence[Any]] | None = None,
                pair: bool | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Seeded subsets of clean data: a small clean set for a defence, a held-out selection split."""
+"""Seeded subsets of data: a defender's small clean set (:class:`CleanSetConfig`), held-out selection
+splits, subsampled training rows, and a dev split kept apart from test."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from collections.abc import Iterable
 import dataclasses
 import logging
 
-from unbackdoor.data.types import Dataset, Example, Task
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.data.types import Dataset, Example, PoisonedTask, PoisonFlags, Task
 from unbackdoor.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -145,3 +149,35 @@ def separate_dev_from_test(task: Task) -> Task:
         logger.warning("%s: selection uses %s", task.name, integrity["dev"])
     return dataclasses.replace(task, train=train, dev=dev, integrity=integrity)
 
+
+def subsample_task(task: Task, max_train: int | None, seed: int) -> Task:
+    """The task with its training split cut to ``max_train`` rows (stratified, seeded)."""
+    if max_train is None or max_train >= len(task.train):
+        return task
+    train = sample_subset(task.train, size=max_train, seed=seed, name=f"{task.train.name}[{max_train} rows]")
+    return dataclasses.replace(task, train=train)
+
+
+def subsample_poisoned(task: PoisonedTask, max_train: int | None, seed: int) -> PoisonedTask:
+    """A poisoned task with its training rows cut to ``max_train`` (flags follow the rows by id)."""
+    if max_train is None or max_train >= len(task.train):
+        return task
+    train = sample_subset(task.train, size=max_train, seed=seed, name=f"{task.train.name}[{max_train} rows]")
+    kept = task.flags.poisoned_ids & set(train.ids)
+    return dataclasses.replace(task, train=train, flags=PoisonFlags(frozenset(kept), len(train)))
+
+
+class CleanSetConfig(StrictConfig):
+    """How the defender's small clean set is drawn (from a clean task's train split)."""
+
+    fraction: float | None = Field(0.01, gt=0, le=1, description="share of the clean train split")
+    size: int | None = Field(None, ge=2, description="number of rows (instead of fraction)")
+    per_class: int | None = Field(None, ge=1, description="rows per label (instead of fraction)")
+    seed: int = 0
+
+
+def draw_clean_set(task: Task, spec: CleanSetConfig) -> Dataset:
+    """A seeded clean subset of ``task.train``, disjoint from its dev and test texts."""
+    fraction = None if (spec.size or spec.per_class) else spec.fraction
+    return sample_subset(task.train, fraction=fraction, size=spec.size, per_class=spec.per_class,
+                         seed=spec.seed, exclude=[task.test, task.dev], name=f"{task.name}:clean-set")

@@ -107,6 +107,17 @@ class Dataset:
         return self.replace((e for e in self.examples if e.id not in drop), name)
 
 
+def require_clean_dataset(data: object, role: str) -> Dataset:
+    """Training rows and selection data must be a :class:`Dataset` (text + label, no flags): the guard
+    every method's inputs type calls, so a poisoned task, flags or a triggered set is a type error."""
+    if not isinstance(data, Dataset):
+        raise TypeError(
+            f"{role} must be a unbackdoor.data.Dataset (text and labels only), got {type(data).__name__}; "
+            "triggered sets, poison flags and poisoned tasks are for evaluation only"
+        )
+    return data
+
+
 def require_several_labels(data: Dataset, role: str = "training rows") -> Dataset:
     """Training needs rows of at least two labels: on one label a classifier learns a constant and
     its clean accuracy means nothing."""

@@ -1,5 +1,5 @@
-"""Poisoned-row detection for a training set (``unbackdoor detect``), and the ``reweight`` and ``abl``
-training defences built on it.
+"""Poisoned-row detection for a training set (``unbackdoor detect``). (The ``reweight`` and ``abl``
+train-time defences built on these detectors live in :mod:`unbackdoor.train_defenses`.)
 
 * :mod:`.base`: the contract (:class:`DetectInputs` without flags, :class:`Detector`,
   :class:`FlagRule`, the :data:`DETECTORS` registry);
@@ -10,19 +10,15 @@ training defences built on it.
   :mod:`.bki` (Backdoor Keyword Identification), :mod:`.cube` (CUBE: minority clusters of a label),
   :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
-* :mod:`.defense`: ``unbackdoor train --defense reweight``;
-* :mod:`.abl`: ``unbackdoor train --defense abl`` (Anti-Backdoor Learning: isolation, then unlearning);
-* :mod:`.command`: the ``detect`` command and its output folder.
+* :mod:`.output`: the ``detect`` command's files (the command: :func:`unbackdoor.commands.run_detect`).
 
 Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube`` and ``isolation``
-detectors and the ``reweight`` and ``abl`` training defences.
+detectors.
 """
 
-from unbackdoor.detect.abl import AblConfig, AblDefense
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
 from unbackdoor.detect.bki import BkiConfig, BkiDetector
 from unbackdoor.detect.cube import CubeConfig, CubeDetector
-from unbackdoor.detect.defense import ReweightDefense, ReweightDefenseConfig
 from unbackdoor.detect.features import FeatureData, feature_data, sentence_features, standardise
 from unbackdoor.detect.isolation import IsolationConfig, IsolationDetector, LocalGradientAscent, isolate
 from unbackdoor.detect.loss import LossConfig, LossDetector
@@ -30,8 +26,6 @@ from unbackdoor.detect.metrics import auroc, detection_metrics, scores_file_metr
 from unbackdoor.detect.reweight import ReweightConfig, ReweightDetector, build_levels, learn_weights
 
 __all__ = [
-    "AblConfig",
-    "AblDefense",
     "BkiConfig",
     "BkiDetector",
     "CubeConfig",
@@ -48,8 +42,6 @@ __all__ = [
     "LossConfig",
     "LossDetector",
     "ReweightConfig",
-    "ReweightDefense",
-    "ReweightDefenseConfig",
     "ReweightDetector",
     "Scores",
     "auroc",

@@ -21,12 +21,11 @@ from typing import Any, ClassVar, Generic, TypeVar
 import torch
 from pydantic import Field, model_validator
 
-from unbackdoor.config import StrictConfig
-from unbackdoor.data.types import Dataset
-from unbackdoor.errors import DataError
+from unbackdoor.config import StrictConfig, build_config
+from unbackdoor.data.types import Dataset, require_clean_dataset
+from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier
 from unbackdoor.registry import Registry
-from unbackdoor.training.loop import require_clean_dataset
 from unbackdoor.utils.resources import Stopwatch
 
 
@@ -156,3 +155,18 @@ class Detector(ABC, Generic[C]):
 
 
 DETECTORS: Registry[Detector] = Registry("detector")
+
+
+DEFAULT_RATE = 0.1  # the share of rows flagged when neither a rate nor a threshold is given
+
+
+def build_detector(method: str, params: dict[str, Any]) -> Detector:
+    """Validate a detector request before any work."""
+    cls = DETECTORS.get(method)
+    return cls(build_config(cls.config_class, params, f"detector {method}"))
+
+
+def flag_rule(rate: float | None, threshold: float | None) -> FlagRule:
+    if rate is not None and threshold is not None:
+        raise ConfigError("give --rate or --threshold, not both")
+    return FlagRule(threshold=threshold) if threshold is not None else FlagRule(rate=rate or DEFAULT_RATE)

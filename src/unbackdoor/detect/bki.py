@@ -48,7 +48,7 @@ from unbackdoor.detect.features import Pooling
 from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy, representations
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.defense import merge_train
+from unbackdoor.training.config import merge_train
 
 logger = logging.getLogger(__name__)
 

@@ -43,7 +43,7 @@ from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
 from unbackdoor.detect.features import Pooling
 from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy, representations
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.defense import merge_train
+from unbackdoor.training.config import merge_train
 
 logger = logging.getLogger(__name__)
 

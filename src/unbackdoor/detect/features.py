@@ -1,5 +1,5 @@
 """Frozen sentence features, computed once per dataset, for the cheap detectors (spec
-``multilevel.md`` §3: the unrolled parameters sit on top of frozen features).
+``docs/methods/multilevel.md`` §3: the unrolled parameters sit on top of frozen features).
 
 [RECON] A feature is the encoder's last hidden state pooled over the row's tokens: ``mean`` (masked
 mean over real tokens; all-MiniLM-L6-v2 was trained as a sentence encoder with mean pooling, the
@@ -21,11 +21,10 @@ from typing import Literal
 
 import torch
 
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.detect.base import DetectInputs
 from unbackdoor.inference import collate, encode, length_sorted_batches
 from unbackdoor.models.loading import Classifier
-from unbackdoor.training.loop import require_clean_dataset
 
 logger = logging.getLogger(__name__)
 

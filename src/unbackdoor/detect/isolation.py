@@ -54,7 +54,7 @@ from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, copy_classifier, row_
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.defense import merge_train
+from unbackdoor.training.config import merge_train
 from unbackdoor.training.loop import TrainResult, train_classifier
 
 logger = logging.getLogger(__name__)

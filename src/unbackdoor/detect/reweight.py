@@ -1,4 +1,4 @@
-"""Per-row weights by multilevel optimisation (spec ``multilevel.md`` §2-4): the ``reweight`` detector.
+"""Per-row weights by multilevel optimisation (``docs/methods/multilevel.md`` §2-4): the ``reweight`` detector.
 
 The trilevel model of §2 on frozen features (:mod:`.features`), outermost first:
 
@@ -29,6 +29,8 @@ the best precision at a 10 % flag rate among ten candidates, 29.3 % vs 17.0 % fo
 
 Score of a row: 1 − w_i (§4); rows with equal weights (several may sit at 0) are ranked by their
 last hypergradient. Rows start at ``init_weight`` (1.0: every row trusted).
+
+Section numbers (§) cite ``docs/methods/multilevel.md``, the method notes in this repository.
 """
 
 from __future__ import annotations
@@ -53,10 +55,10 @@ logger = logging.getLogger(__name__)
 
 class ReweightConfig(StrictConfig):
     """Options of the multilevel reweighting. All values are ours [RECON]: the paper's body and code
-    were not available (spec §1)."""
+    were not available (``docs/methods/multilevel.md`` §1)."""
 
     levels: Literal[2, 3] = Field(2, description="2: defender + learner (learning to reweight); "
-                                  "3: + a bounded attacker between them (spec §2)")
+                                  "3: + a bounded attacker between them (``docs/methods/multilevel.md`` §2)")
     epochs: int = Field(20, ge=1, description="outer passes over the training rows")
     batch_size: int | None = Field(256, ge=2, description="rows per outer step (null: all rows at once)")
     outer_lr: float = Field(0.1, gt=0, description="η1: mean weight change per outer step")

@@ -8,7 +8,7 @@ or rewritten at prediction time.
 * :mod:`.strip`: STRIP, low prediction entropy under perturbation (rejects);
 * :mod:`.rap`: RAP, robustness to a clean-tuned rare-word perturbation (rejects);
 * :mod:`.evaluation`: FRR, FAR and end-to-end CACC/ASR against a triggered set (evaluation only);
-* :mod:`.command`: the ``guard`` command (:class:`GuardCommand`, :func:`run_guard`).
+* the ``guard`` command: :class:`unbackdoor.commands.GuardCommand`, :func:`unbackdoor.commands.run_guard`.
 
 Importing this package registers ``onion``, ``rap`` and ``strip``.
 """
@@ -23,7 +23,6 @@ from unbackdoor.guard.base import (
     GuardOutput,
     build_guard,
 )
-from unbackdoor.guard.command import GuardCommand, run_guard
 from unbackdoor.guard.evaluation import DEFAULT_BUDGETS, GuardEvaluation, GuardMetrics, evaluate_guard
 from unbackdoor.guard.lm import CausalLM, KneserNeyLM, load_causal_lm
 from unbackdoor.guard.onion import FittedOnion, Onion, OnionConfig
@@ -40,7 +39,6 @@ __all__ = [
     "FittedRap",
     "FittedStrip",
     "Guard",
-    "GuardCommand",
     "GuardConfig",
     "GuardEvaluation",
     "GuardInputs",
@@ -56,5 +54,4 @@ __all__ = [
     "build_guard",
     "evaluate_guard",
     "load_causal_lm",
-    "run_guard",
 ]

@@ -37,11 +37,10 @@ from pydantic import Field
 
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.sampling import holdout_split
-from unbackdoor.data.types import Dataset, Example
+from unbackdoor.data.types import Dataset, Example, require_clean_dataset
 from unbackdoor.errors import DataError
 from unbackdoor.models.loading import Classifier
 from unbackdoor.registry import Registry
-from unbackdoor.training.loop import require_clean_dataset
 from unbackdoor.utils.resources import Stopwatch
 
 logger = logging.getLogger(__name__)

@@ -17,16 +17,18 @@ Every evaluation also reports the model without the guard on the same rows (``un
 
 from __future__ import annotations
 
+import math
+import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from unbackdoor.data.types import Dataset, TriggeredSet
+from unbackdoor.data.sampling import sample_subset
+from unbackdoor.data.types import Dataset, PoisonedTask, Task, TriggeredSet, require_clean_dataset
 from unbackdoor.evaluate import accuracy, attack_success_rate
 from unbackdoor.guard.base import FittedGuard, GuardOutput, check_budget
 from unbackdoor.inference import predict
 from unbackdoor.models.loading import Classifier
-from unbackdoor.training.loop import require_clean_dataset
 from unbackdoor.utils.resources import Stopwatch
 
 DEFAULT_BUDGETS = (0.01, 0.05)
@@ -119,3 +121,48 @@ def evaluate_guard(
         target_label=triggered.target_label if triggered is not None else None, wall_time_s=watch.elapsed(),
     )
 
+
+RECORD_FILE, THRESHOLDS_FILE = "guard.json", "thresholds.json"  # what ``unbackdoor guard`` writes
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and infinite floats as None (strict JSON)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def subsample_triggered(triggered: TriggeredSet, n: int | None, seed: int) -> TriggeredSet:
+    """At most ``n`` rows of ``triggered``, drawn with ``seed`` (evaluation only)."""
+    if n is None or n >= len(triggered):
+        return triggered
+    keep = sorted(random.Random(f"{seed}-guard-eval").sample(range(len(triggered)), n))
+    return TriggeredSet(tuple(triggered.examples[i] for i in keep), triggered.target_label, triggered.num_labels,
+                        tuple(triggered.original_labels[i] for i in keep), f"{triggered.name}[{n} rows]")
+
+
+def evaluation_sets(data: Task | PoisonedTask, max_eval: int | None, seed: int) -> tuple[Dataset, TriggeredSet | None]:
+    """The clean test split and, for poisoned data, the triggered test set (each subsampled to ``max_eval``)."""
+    clean_test, triggered = (data.clean.test, data.triggered_test) if isinstance(data, PoisonedTask) else (data.test, None)
+    if max_eval is not None and max_eval < len(clean_test):
+        clean_test = sample_subset(clean_test, size=max_eval, seed=seed, name=f"{clean_test.name}[{max_eval} rows]")
+    return clean_test, subsample_triggered(triggered, max_eval, seed) if triggered is not None else None
+
+
+def guard_metric_summary(evaluation: GuardEvaluation) -> dict[str, Any]:
+    """The headline numbers at the guard's own budget, next to the unguarded model's."""
+    m = evaluation.metrics
+    return {"budget": m.budget, "frr": m.frr, "far": m.far, "cacc": m.cacc, "asr": m.asr,
+            "unguarded_cacc": evaluation.unguarded["cacc"], "unguarded_asr": evaluation.unguarded["asr"],
+            "n_clean": evaluation.n_clean, "n_triggered": evaluation.n_triggered,
+            "target_label": evaluation.target_label}
+
+
+def thresholds_record(fitted: FittedGuard, budgets: tuple[float, ...]) -> dict[str, Any]:
+    wanted = sorted({*budgets, fitted.budget})
+    return {"method": fitted.name, "kind": fitted.kind, "budget": fitted.budget,
+            "thresholds": fitted.thresholds(), "by_budget": {f"{b:g}": fitted.thresholds(b) for b in wanted}}

@@ -30,11 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from unbackdoor.data.sampling import sample_subset
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ModelError
 from unbackdoor.inference import collate, encode
 from unbackdoor.models.loading import Classifier
-from unbackdoor.training.loop import check_trainable, require_clean_dataset
+from unbackdoor.training.loop import check_trainable
 
 logger = logging.getLogger(__name__)
 

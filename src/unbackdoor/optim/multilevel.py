@@ -1,4 +1,4 @@
-"""Multilevel optimisation by unrolled gradient steps (spec ``multilevel.md``; Sato, Tanaka & Takeda,
+"""Multilevel optimisation by unrolled gradient steps (``docs/methods/multilevel.md``; Sato, Tanaka & Takeda,
 NeurIPS 2021).
 
 An n-level problem, outermost first (§1)::
@@ -21,6 +21,8 @@ method on x1.
 
 Cost: level i is unrolled once per step of every level above it, so a trilevel problem evaluates
 f3's gradient T2·T3 + T3 times per hypergradient; keep the T's small (§3).
+
+Section numbers (§) cite ``docs/methods/multilevel.md``, the method notes in this repository.
 """
 
 from __future__ import annotations

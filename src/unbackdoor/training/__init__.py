@@ -1,23 +1,18 @@
-"""The one Accelerate-based training loop, its extension points, and the train-time defence contract."""
+"""The one Accelerate-based training loop and its extension points (callbacks, configs, recipes)."""
 
-from unbackdoor.training.callbacks import Callback, TrainContext, TrainState
-from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.defense import TRAIN_DEFENSES, PlainFinetune, TrainDefense, TrainDefenseResult, TrainInputs
-from unbackdoor.training.loop import TrainResult, evaluate_accuracy, make_accelerator, require_clean_dataset, train_classifier
+from unbackdoor.training.callbacks import Callback, FixedWeights, TrainContext, TrainState
+from unbackdoor.training.config import TrainConfig, victim_train_config
+from unbackdoor.training.loop import TrainResult, evaluate_accuracy, make_accelerator, train_classifier
 
 __all__ = [
-    "TRAIN_DEFENSES",
     "Callback",
-    "PlainFinetune",
+    "FixedWeights",
     "TrainConfig",
     "TrainContext",
-    "TrainDefense",
-    "TrainDefenseResult",
-    "TrainInputs",
     "TrainResult",
     "TrainState",
     "evaluate_accuracy",
     "make_accelerator",
-    "require_clean_dataset",
     "train_classifier",
+    "victim_train_config",
 ]

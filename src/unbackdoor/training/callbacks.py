@@ -48,6 +48,7 @@ class TrainContext:
     accelerator: Accelerator
     config: TrainConfig
     state: TrainState
+    precision: str = "fp32"  # the classifier's compute precision (extra forwards use it too)
 
 
 class Callback:
@@ -68,3 +69,28 @@ class Callback:
 
     def on_epoch_end(self, ctx: TrainContext, record: dict[str, Any]) -> None:
         """After each epoch, with its record (loss, dev accuracy)."""
+
+
+class FixedWeights(Callback):
+    """Keep chosen entries of parameters at fixed values during training (pruning or reset masks).
+
+    ``masks[name]`` is a boolean tensor of the parameter's shape (True = keep fixed) and
+    ``values[name]`` the values to hold there. Re-applied after every optimizer step.
+    """
+
+    def __init__(self, masks: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+        self.masks = masks
+        self.values = values
+
+    def _apply(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, mask in self.masks.items():
+                p = params[name]
+                p.data = torch.where(mask.to(p.device), self.values[name].to(p.device, p.dtype), p.data)
+
+    def on_train_begin(self, ctx: TrainContext) -> None:
+        self._apply(ctx.model)
+
+    def on_step_end(self, ctx: TrainContext) -> None:
+        self._apply(ctx.model)

@@ -25,12 +25,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
@@ -64,25 +65,15 @@ class TrainResult:
         return asdict(self)
 
 
-def require_clean_dataset(data: object, role: str) -> Dataset:
-    """Training rows and selection data must be a :class:`Dataset` (text + label, no flags)."""
-    if not isinstance(data, Dataset):
-        raise TypeError(
-            f"{role} must be a unbackdoor.data.Dataset (text and labels only), got {type(data).__name__}; "
-            "triggered sets, poison flags and poisoned tasks are for evaluation only"
-        )
-    return data
-
-
 def make_accelerator(config: TrainConfig) -> Accelerator:
     """An Accelerator for this process (reuses the launch environment: torchrun, accelerate)."""
     return Accelerator(mixed_precision=config.mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def compute_region(clf: Classifier, config: TrainConfig, acc: Accelerator) -> Any:
+def compute_region(precision: str, config: TrainConfig, acc: Accelerator) -> Any:
     """Where a training step's forward runs: Accelerate's autocast when the config asks for mixed
-    precision on an accelerator, else the classifier's own precision (bf16 autocast or fp32)."""
-    return acc.autocast() if config.mixed_precision != "no" else autocast(clf.precision, acc.device)
+    precision on an accelerator, else the classifier's own ``precision`` (bf16 autocast or fp32)."""
+    return acc.autocast() if config.mixed_precision != "no" else autocast(precision, acc.device)
 
 
 def set_determinism(seed: int) -> None:
@@ -91,18 +82,25 @@ def set_determinism(seed: int) -> None:
     torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor costs ~13 % of a CPU step
 
 
-def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.learning_rate, fused=True)
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, fused=True)
 
 
-def _linear_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -> torch.optim.lr_scheduler.LambdaLR:
+def _schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, warmup: int,
+              total: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up and decay to zero at ``total`` steps, or a constant learning rate."""
     def factor(step: int) -> float:
+        if config.schedule == "constant":
+            return 1.0
         if step < warmup:
             return (step + 1) / (warmup + 1)
         return max(0.0, (total - step) / max(1, total - warmup))
@@ -191,6 +189,16 @@ def evaluate_accuracy(clf: Classifier, data: Dataset, batch_size: int = 128, acc
     require_clean_dataset(data, "selection data")
     preds = predict_logits(clf, data.examples, batch_size, accelerator).argmax(axis=1)
     return float((preds == torch.tensor(data.labels).numpy()).mean())
+
+
+def evaluate_balanced_accuracy(clf: Classifier, data: Dataset, batch_size: int = 128,
+                               accelerator: Accelerator | None = None) -> float:
+    """Mean over the labels present in ``data`` of the share of their rows predicted correctly."""
+    require_clean_dataset(data, "selection data")
+    preds = predict_logits(clf, data.examples, batch_size, accelerator).argmax(axis=1)
+    labels = np.asarray(data.labels)
+    recalls = [float((preds[labels == k] == k).mean()) for k in sorted(set(data.labels))]
+    return sum(recalls) / len(recalls)
 
 
 def check_trainable(clf: Classifier, data: Dataset) -> None:
@@ -284,7 +292,7 @@ def train_classifier(
     model = clf.model
     model.train()
     optimizer = _optimizer(model, config)
-    scheduler = _linear_schedule(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    scheduler = _schedule(optimizer, config, int(config.warmup_ratio * total_steps), total_steps)
     ckpt = _Checkpointer(Path(work_dir) if work_dir is not None else None, acc, _run_key(clf, data, dev, config, acc, fingerprint))
     state = ckpt.restore(model, optimizer, scheduler) or TrainState()
     resumed_from = state.global_step if state.global_step or state.batches_done else None
@@ -293,7 +301,7 @@ def train_classifier(
     best_state = ckpt.load_best()
     wrapped, optimizer = acc.prepare(model, optimizer)
     clf.model = acc.unwrap_model(wrapped)
-    ctx = TrainContext(clf.model, wrapped, optimizer, acc, config, state)
+    ctx = TrainContext(clf.model, wrapped, optimizer, acc, config, state, clf.precision)
     for cb in callbacks:
         cb.on_train_begin(ctx)
 
@@ -301,14 +309,14 @@ def train_classifier(
     bar = tqdm(total=total_steps, initial=state.global_step, desc="train", unit="step",
                disable=not (config.progress and acc.is_local_main_process) or None)
     done = state.global_step >= total_steps or state.stopped
-    while state.epoch < config.epochs and not done:
+    while state.epoch < config.epochs and not done and not state.stopped:
         batches = shard(epoch_batches(lengths, config.batch_size, config.seed, state.epoch, config.group_by_length),
                         acc.process_index, acc.num_processes)
         for b_idx in range(state.batches_done, len(batches)):
             rows = batches[b_idx]
             batch = {k: v.to(acc.device) for k, v in collate(clf, [features[i] for i in rows], [labels[i] for i in rows]).items()}
             is_sync = (b_idx + 1) % config.gradient_accumulation_steps == 0 or b_idx + 1 == len(batches)
-            with (nullcontext() if is_sync else acc.no_sync(wrapped)), compute_region(clf, config, acc):
+            with (nullcontext() if is_sync else acc.no_sync(wrapped)), compute_region(clf.precision, config, acc):
                 outputs = wrapped(**batch)
                 loss = outputs.loss if weights is None else _weighted_loss(outputs.logits, batch["labels"], weights[rows])
                 task_loss = loss

@@ -7,7 +7,7 @@ relabelling or gradient projection; our reconstruction, not the paper's algorith
 for benchmarks only.
 """
 
-from unbackdoor.unlearn.ascent import AscentConfig
+from unbackdoor.training.ascent import AscentConfig
 from unbackdoor.unlearn.base import (
     UNLEARN_METHODS,
     UnlearnInputs,

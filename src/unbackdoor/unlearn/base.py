@@ -23,11 +23,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 from unbackdoor.config import StrictConfig, build_config
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, check_same_architecture
 from unbackdoor.registry import Registry
-from unbackdoor.training.loop import require_clean_dataset
 
 
 def _require_classifier(value: object, role: str) -> None:

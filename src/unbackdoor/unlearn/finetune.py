@@ -2,15 +2,15 @@
 retain set, selecting the epoch on a held-out part of it. It does not use the forget set.
 
 The same procedure and config as the purify ``finetune`` defence
-(:class:`~unbackdoor.defenses.finetune.FinetuneConfig`), so the two baselines agree.
+(:class:`~unbackdoor.purify.finetune.FinetuneConfig`), so the two baselines agree.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from unbackdoor.defenses.common import finetune_with_selection
-from unbackdoor.defenses.finetune import FinetuneConfig
+from unbackdoor.selection import finetune_with_selection
+from unbackdoor.purify.finetune import FinetuneConfig
 from unbackdoor.unlearn.base import UNLEARN_METHODS, UnlearnInputs, UnlearnMethod, UnlearnResult
 
 

@@ -1,12 +1,12 @@
-"""Vanilla gradient ascent (``lya.md`` §8): LYA with λ = 0. Same splits, optimiser, stopping rules
-and checkpoint choice (:mod:`unbackdoor.unlearn.ascent`), no EWC term. Pure ascent on
+"""Vanilla gradient ascent (``docs/methods/lya.md`` §8): LYA with λ = 0. Same splits, optimiser, stopping rules
+and checkpoint choice (:mod:`unbackdoor.training.ascent`), no EWC term. Pure ascent on
 cross-entropy is unbounded: the stopping rules are what keeps the model from collapsing."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from unbackdoor.unlearn.ascent import AscentConfig, plan_ascent, run_ascent
+from unbackdoor.training.ascent import AscentConfig, plan_ascent, run_ascent
 from unbackdoor.unlearn.base import UNLEARN_METHODS, UnlearnInputs, UnlearnMethod, UnlearnResult
 
 

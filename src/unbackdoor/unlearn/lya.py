@@ -2,9 +2,9 @@
 
 Kazemi et al., "Unlearning Trojans in Large Language Models: A Comparison Between Natural
 Language and Source Code", arXiv 2408.12416 (2024). Only the abstract and third-party summaries
-were available (``lya.md`` §1): "GA on trojaned samples + EWC" is confirmed; everything else here
+were available (``docs/methods/lya.md`` §1): "GA on trojaned samples + EWC" is confirmed; everything else here
 is our **reconstruction** [RECON], each unconfirmed choice a named option. Starting from the
-suspect's weights θ*, minimise (``lya.md`` §3)
+suspect's weights θ*, minimise (``docs/methods/lya.md`` §3)
 
     L(θ) = − mean_{(x, y) ∈ B_forget} CE(p_θ(·|x), y)  +  (λ/2) Σ_i F_i (θ_i − θ*_i)²
 
@@ -16,7 +16,7 @@ suspect's weights θ*, minimise (``lya.md`` §3)
    terms with λ and ``lam_forget``, or one ``pooled`` Fisher weighted by row counts). The
    forget-side Fisher uses the ascended rows only, never the monitored slice.
 3. Ascend in the training loop with the EWC term (:class:`~unbackdoor.unlearn.ewc.EwcPenalty`),
-   stop and choose the checkpoint by ``lya.md`` §6 (:mod:`.ascent`).
+   stop and choose the checkpoint by ``docs/methods/lya.md`` §6 (:mod:`.ascent`).
 
 ``lam=0`` is vanilla gradient ascent (the ``gradient-ascent`` method).
 """
@@ -34,7 +34,7 @@ from unbackdoor.data.types import Dataset
 from unbackdoor.models.loading import Classifier
 from unbackdoor.optim.fisher import diagonal_fisher
 from unbackdoor.training.loop import make_accelerator
-from unbackdoor.unlearn.ascent import AscentConfig, plan_ascent, run_ascent, scope_names
+from unbackdoor.training.ascent import AscentConfig, plan_ascent, run_ascent, scope_names
 from unbackdoor.unlearn.base import UNLEARN_METHODS, UnlearnInputs, UnlearnMethod, UnlearnResult
 from unbackdoor.unlearn.ewc import EwcPenalty, anchor_of, combine_terms, normalise_by_mean
 
@@ -46,7 +46,7 @@ class LyaConfig(AscentConfig):
     Everything else is ours [RECON], checked only on the tests' tiny planted backdoor:
 
     * ``fisher_norm=mean``: the raw empirical Fisher of a well-fitted model is tiny (mean entry
-      2e-5 there, since per-row gradients vanish where p(y|x) ≈ 1), so the spec's scale hint
+      2e-5 there, since per-row gradients vanish where p(y|x) ≈ 1), so the method notes' scale hint
       λ = N_D/|M| ≈ 10 on the raw Fisher left GA unchanged even at λ = 1000.
     * ``lam=10`` on the mean-normalised Fisher: there λ 1–100 removed the backdoor with the
       stopping rules; at λ ≥ 1e3 the ascent sometimes stalled before the threshold; at 1e5 it

@@ -3,8 +3,8 @@
 **Experimental / unverified.** Inspired by Huang, Zhao, Huang, Pan, "Retaining Beneficial
 Information from Detrimental Data for (Deep) Neural Network Repair", NeurIPS 2023, of which only
 the abstract was available to us (``docs/methods/repair.md``). Everything below is **our
-reconstruction** [RECON] (spec §4), not the paper's algorithm; report it as "unbackdoor's
-experimental repair variant". The paper's claim (spec §1) is that erase-only repair (here: LYA)
+reconstruction** [RECON] (``docs/methods/repair.md`` §4), not the paper's algorithm; report it as "unbackdoor's
+experimental repair variant". The paper's claim (``docs/methods/repair.md`` §1) is that erase-only repair (here: LYA)
 degrades when many benign rows are mixed into the identified set, and retaining their beneficial
 information does not.
 
@@ -14,7 +14,7 @@ This method implements §4.2 (*separate*) and §4.3 (*use the beneficial part*) 
 sees poison flags (:class:`~unbackdoor.unlearn.base.UnlearnInputs` refuses them).
 
 ``separation=relabel`` (default)
-    1. A **reference model whose prediction ignores the trigger** (spec pitfall 3). The suspect
+    1. A **reference model whose prediction ignores the trigger** (``docs/methods/repair.md`` pitfall 3). The suspect
        does not qualify (it predicts the target on triggered text), nor does anything trained
        from its weights or its frozen features (the trigger lives in the encoder). Options:
        ``reference=base`` (default): a copy of the suspect's clean pre-trained base (``--base``)
@@ -33,7 +33,7 @@ sees poison flags (:class:`~unbackdoor.unlearn.base.UnlearnInputs` refuses them)
        defender-side data (no test or triggered set).
 
 ``separation=gradient_projection``
-    Each step moves along (spec §4.3)
+    Each step moves along (``docs/methods/repair.md`` §4.3)
 
         G = ∇L_clean + β · mean_{z∈M} b(z) − γ · mean_{z∈M} d(z) + λ · F ⊙ (θ − θ*)
 
@@ -48,12 +48,14 @@ sees poison flags (:class:`~unbackdoor.unlearn.base.UnlearnInputs` refuses them)
     On the tests' tiny planted backdoor ``head+last`` did **not** remove the backdoor (forget
     accuracy stayed at 1.0 for 150 steps: the trigger lives below the last block), ``all`` did
     (in ~10 steps), hence the default.
-    The ascent is unbounded, so the stopping rules and checkpoint choice of ``lya.md`` §6 apply
-    (:class:`~unbackdoor.unlearn.ascent.AscentMonitor`, inherited options).
+    The ascent is unbounded, so the stopping rules and checkpoint choice of ``docs/methods/lya.md`` §6 apply
+    (:class:`~unbackdoor.training.ascent.AscentMonitor`, inherited options).
 
 Both run in :func:`~unbackdoor.training.train_classifier` with callbacks (no second loop); the EWC
 term is :class:`~unbackdoor.unlearn.ewc.EwcPenalty` with a mean-normalised diagonal Fisher of the
 retain set at θ* (as LYA's default). The report carries ``experimental: True``.
+
+Section numbers (§) cite ``docs/methods/repair.md``, the method notes in this repository.
 """
 
 from __future__ import annotations
@@ -70,8 +72,8 @@ from pydantic import Field
 
 from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset, Example
-from unbackdoor.defenses.fine_mixing import layer_index
-from unbackdoor.defenses.finetune import small_set_train_config
+from unbackdoor.models.surgery import layer_index
+from unbackdoor.training.config import small_set_train_config
 from unbackdoor.errors import ModelError
 from unbackdoor.inference import collate, encode, predict_logits
 from unbackdoor.models.loading import Classifier
@@ -79,7 +81,7 @@ from unbackdoor.optim.fisher import diagonal_fisher
 from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig
 from unbackdoor.training.loop import make_accelerator, train_classifier
-from unbackdoor.unlearn.ascent import (
+from unbackdoor.training.ascent import (
     AscentConfig,
     AscentMonitor,
     DropoutOff,
@@ -97,7 +99,7 @@ FORGET_ID_PREFIX = "repair-forget:"  # forget rows may share ids with retain row
 
 
 class RepairConfig(AscentConfig):
-    """EXPERIMENTAL repair variant (``repair.md`` §4, our reconstruction, not the paper's method).
+    """EXPERIMENTAL repair variant (``docs/methods/repair.md`` §4, our reconstruction, not the paper's method).
 
     Defaults [RECON], chosen on the tests' tiny planted BadNets backdoor only:
 
@@ -381,7 +383,7 @@ def run_projection(inputs: UnlearnInputs, cfg: RepairConfig) -> dict[str, Any]:
 
 @UNLEARN_METHODS.register("repair")
 class Repair(UnlearnMethod[RepairConfig]):
-    """EXPERIMENTAL repair variant (our reconstruction of ``repair.md`` §4.2–4.3 on the forget set)."""
+    """EXPERIMENTAL repair variant (our reconstruction of ``docs/methods/repair.md`` §4.2–4.3 on the forget set)."""
 
     name = "repair"
     config_class = RepairConfig
@@ -398,6 +400,6 @@ class Repair(UnlearnMethod[RepairConfig]):
         else:
             report = run_projection(inputs, cfg)
         return UnlearnResult(inputs.suspect, {"method": self.name, "experimental": True, "reconstructed": True,
-                                              "note": "unbackdoor's experimental repair variant (repair.md §4), "
+                                              "note": "unbackdoor's experimental repair variant (docs/methods/repair.md §4), "
                                               "not the paper's algorithm", "separation": cfg.separation,
                                               **report})
