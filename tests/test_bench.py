@@ -231,12 +231,16 @@ def test_published_sst2_grid_is_valid(shared_data: Path) -> None:
     assert {c.kind for c in ep} == {"victim", "floor", "purify"}
 
 
-def test_weight_attack_victim_gets_purify_defences_only(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+def test_weight_attack_victim_gets_purify_and_guard_defences_only(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     attacks = [{"name": "ep", "attack": "ep", "params": {"poison_rate": 0.1, "train": {"epochs": 2}}}]
-    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks)
-    assert run_bench(config, tmp_path / "run") == {"done": 4}  # floor model, victim, floor, finetune
+    guard = {"kind": "guard", "name": "strip", "method": "strip", "clean_size": 40}
+    config = write_grid(tmp_path / "grid.yaml", *inputs, attacks=attacks, defenses=[*DEFENCES, guard])
+    assert run_bench(config, tmp_path / "run") == {"done": 5}  # floor model, victim, floor, finetune, strip
     cells = {c["id"]: c for c in Store(tmp_path / "run").cells()}
-    assert set(cells) == {"syn/s0/floor-model", "syn/ep/s0/none", "syn/ep/s0/floor", "syn/ep/s0/finetune"}
+    assert set(cells) == {"syn/s0/floor-model", "syn/ep/s0/none", "syn/ep/s0/floor", "syn/ep/s0/finetune",
+                          "syn/ep/s0/strip"}
+    strip = cells["syn/ep/s0/strip"]["metrics"]
+    assert {"frr", "far", "unguarded_asr"} <= set(strip) and strip["asr"] <= strip["unguarded_asr"]
     assert cells["syn/ep/s0/none"]["asr"] is not None
     assert (tmp_path / "run" / "models" / "syn" / "ep" / "s0" / "none" / "data" / "train_poison_flags.txt").is_file()
 

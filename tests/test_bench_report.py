@@ -142,7 +142,27 @@ def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
     assert "| a | floor (never poisoned) | 91.0 ± 0.0 | 5.0 ± 1.4 | — | 5.0 ± 1.4 | — | 2 |" in md
     assert "| a | none (victim) | 91.0 ± 1.4 | 99.0 ± 1.4 | — | 5.0 ± 1.4 | — | 2 |" in md
     assert "| a | ft | 87.0 ± 1.4 | 20.0 ± 14.1 | 25.0 ± 7.1 | 5.0 ± 1.4 | — | 2 |" in md
-    assert md.index("floor (never poisoned)") < md.index("none (victim)") < md.index("| a | ft |")
+    table = md.split("| attack | defence |")[1]
+    assert table.index("floor (never poisoned)") < table.index("none (victim)") < table.index("| a | ft |")
+    # the summary on top: the best defence against the floor and the victim; held needs ASR <= floor + 5
+    assert "| a | ft | 20.0 ± 14.1 | 5.0 ± 1.4 | +15.0 | 87.0 ± 1.4 | 91.0 ± 1.4 | +4.0 | ✗ |" in md
+    assert "Held: 0 of 1 attacks" in md
+
+
+def test_a_defence_is_held_at_the_floor_within_the_cacc_budget() -> None:
+    """Held: ASR at most 5 points above the floor and CACC at most 2 points below the victim."""
+    from unbackdoor.bench.report import Row, Stat, best_per_attack, verdicts
+
+    def row(defence: str, cacc: float, asr: float) -> Row:
+        return Row("d", "a", defence, {"cacc": Stat.of([cacc]), "asr": Stat.of([asr]),
+                                       "robust_accuracy": Stat.of([]), "macro_f1": Stat.of([])},
+                   Stat.of([1.0]), Stat.of([0.1]), Stat.of([]), {})
+
+    rows = [row("floor", 0.90, 0.10), row("none", 0.88, 1.0), row("near", 0.87, 0.149), row("far", 0.89, 0.16),
+            row("costly", 0.85, 0.10)]
+    held = {v.row.defence: v.held for v in verdicts(rows)}
+    assert held == {"near": True, "far": False, "costly": False}
+    assert [v.row.defence for v in best_per_attack(rows)] == ["near"]
 
 
 def test_one_seed_shows_no_spread(tmp_path: Path) -> None:

@@ -480,3 +480,24 @@ def test_run_guard_writes_its_record_and_thresholds(planted, tmp_path: Path) -> 
     assert [b["budget"] for b in saved["evaluation"]["by_budget"]] == [0.01, 0.05, 0.1]
     thresholds = json.loads((out / "thresholds.json").read_text())
     assert set(thresholds["by_budget"]) == {"0.01", "0.05", "0.1"} and thresholds["thresholds"]["rule"] == "budget"
+
+
+def test_guard_command_line(planted, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """``unbackdoor guard`` end to end: one summary line, the record written, the suspect untouched."""
+    from synthetic import run_cli
+
+    clean_dir = write_task(planted.task, tmp_path / "clean")
+    poisoned_dir = tmp_path / "poisoned"
+    poisoned_dir.mkdir()
+    write_poisoned_task(planted.poisoned, poisoned_dir, {"clean": str(clean_dir)})
+    weights = (planted.victim_dir / "model.safetensors").read_bytes()
+    code, out, err = run_cli(["guard", "--model", str(planted.victim_dir), "--clean", str(clean_dir), "--clean-size",
+                              "100", "--method", "onion", "--eval-data", str(poisoned_dir), "--out",
+                              str(tmp_path / "g")], capsys)
+    assert code == 0, err
+    assert "onion at FRR budget 0.05" in out and "unguarded" in out
+    assert json.loads((tmp_path / "g" / "guard.json").read_text())["metrics"]["asr"] <= 0.2
+    assert (planted.victim_dir / "model.safetensors").read_bytes() == weights
+    code, _, err = run_cli(["guard", "--model", str(planted.victim_dir), "--clean", str(clean_dir), "--method", "nope",
+                            "--out", str(tmp_path / "bad")], capsys)
+    assert code == 2 and err.strip().startswith("error:") and "unknown guard 'nope'" in err

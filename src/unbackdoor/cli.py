@@ -342,6 +342,45 @@ def detect_cmd(
                f"rows) in {record['wall_time_s']:.1f} s -> {record['config']['out']}")
 
 
+@app.command(name="guard")
+def guard_cmd(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="the suspect model folder (never changed)")] = None,
+    clean: Annotated[Optional[str], typer.Option(help="clean data the defender holds (its train split is sampled)")] = None,
+    method: Annotated[Optional[str], typer.Option(help="guard: onion (rewrites inputs), strip, rap (reject inputs)")] = None,
+    eval_data: Annotated[Optional[str], typer.Option(help="measure the guard on this clean or poisoned data (FRR, "
+                                                     "CACC; FAR and ASR when poisoned); never shown to the guard")] = None,
+    budget: Annotated[Optional[list[float]], typer.Option(help="FRR budgets reported besides the guard's own "
+                                                          "(repeatable; default 0.01 and 0.05)")] = None,
+    max_eval: Annotated[Optional[int], typer.Option(help="evaluate on a seeded subsample of this many rows")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (guard.json, thresholds.json)")] = None,
+    clean_fraction: FractionOpt = None,
+    clean_size: SizeOpt = None,
+    clean_per_class: PerClassOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
+    param: ParamOpt = None,
+    config: ConfigOpt = None,
+    allow_pickle: PickleOpt = None,
+    precision: PrecisionOpt = None,
+    overwrite: OverwriteOpt = None,
+) -> None:
+    """Put an inference-time guard in front of a fixed suspect model: thresholds from clean data only
+    (a false-rejection budget on held-out clean rows); with --eval-data, FRR, FAR and CACC/ASR with the guard."""
+    from unbackdoor.commands import GuardCommand, run_guard
+
+    flags = _flags(model=model, clean=clean, method=method, eval_data=eval_data, budgets=budget, max_eval=max_eval,
+                   max_length=max_length, out=out, params=_parse_params(param), clean_set__fraction=clean_fraction,
+                   clean_set__size=clean_size, clean_set__per_class=clean_per_class, clean_set__seed=seed,
+                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
+    record = run_guard(_command_config(GuardCommand, config, flags))
+    m = record.get("metrics")
+    if m:
+        asr = "" if m["asr"] is None else f", ASR {100 * m['asr']:.1f}% (unguarded {100 * m['unguarded_asr']:.1f}%)"
+        typer.echo(f"{record['method']} at FRR budget {m['budget']:g}: FRR {100 * m['frr']:.1f}%, CACC "
+                   f"{100 * m['cacc']:.1f}% (unguarded {100 * m['unguarded_cacc']:.1f}%){asr}")
+    typer.echo(f"-> {record['config']['out']}")
+
+
 analyze_app = typer.Typer(help="Analyses of how models learn backdoors.", no_args_is_help=True)
 app.add_typer(analyze_app, name="analyze")
 

@@ -91,7 +91,21 @@ class UnlearnDefenseSpec(StrictConfig):
     clean_size: int | None = Field(None, ge=2, description="clean / retain rows (instead of a fraction)")
 
 
-DefenseSpec = Annotated[TrainDefenseSpec | PurifyDefenseSpec | UnlearnDefenseSpec, Field(discriminator="kind")]
+class GuardDefenseSpec(StrictConfig):
+    """An inference-time guard in front of the victim (``guard``): thresholds from a clean set only;
+    the cell's CACC and ASR are end to end (a rejected clean row is an error, a rejected triggered row a
+    failed attack), its metrics also hold FRR and FAR."""
+
+    kind: Literal["guard"]
+    name: str = Field(pattern=LABEL)
+    method: str = Field(description="guard (unbackdoor.guard.GUARDS): onion, strip, rap")
+    params: dict[str, Any] = Field(default_factory=dict)
+    clean_fraction: float | None = Field(0.01, gt=0, le=1, description="share of the clean train split")
+    clean_size: int | None = Field(None, ge=2, description="clean rows (instead of a fraction)")
+
+
+DefenseSpec = Annotated[TrainDefenseSpec | PurifyDefenseSpec | UnlearnDefenseSpec | GuardDefenseSpec,
+                        Field(discriminator="kind")]
 
 
 class BenchConfig(StrictConfig):
@@ -166,6 +180,7 @@ def check_methods(config: BenchConfig) -> None:
     """Every attack and defence name is registered and its parameters are valid."""
     from unbackdoor.attacks.base import ATTACKS
     from unbackdoor.detect.base import build_detector
+    from unbackdoor.guard.base import build_guard
     from unbackdoor.purify.base import build_purify_defense, epur_first
     from unbackdoor.train_defenses.base import build_train_defense
     from unbackdoor.unlearn import build_unlearn_method
@@ -187,6 +202,8 @@ def check_methods(config: BenchConfig) -> None:
                 build_train_defense(d.method, d.params)
             elif isinstance(d, PurifyDefenseSpec):
                 build_purify_defense(d.method, d.params, have_base=True, before=epur_first(d.method, {} if d.epur else None))
+            elif isinstance(d, GuardDefenseSpec):
+                build_guard(d.method, d.params)
             else:
                 build_unlearn_method(d.method, d.params, have_base=True, have_train_rows=True)
                 build_detector(d.detector, d.detector_params)

@@ -16,7 +16,7 @@ import html
 import io
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
 
 VICTIM, FLOOR = "none", "floor"
 DETECTION_METRICS = ("precision", "recall", "auroc")
+GUARD_METRICS = ("frr", "far", "unguarded_cacc", "unguarded_asr")
 TABLE_HEAD = ("attack", "defence", "CACC %", "ASR %", "clean → target %", "floor ASR %", "RA %", "n")
 CELL_COLUMNS = ("id", "kind", "dataset", "attack", "defence", "seed", "status", "attempts", "cacc", "asr",
                 "robust_accuracy", "macro_f1", "wall_s", "peak_memory_mb", "version", "git_commit", "error")
@@ -67,6 +68,7 @@ class Row:
     floor_asr: Stat
     lean: Stat  # clean → target: the share of clean non-target test rows predicted as the target
     detection: dict[str, Stat]  # unlearn cells: precision, recall, AUROC of their detect step
+    guard: dict[str, Stat] = field(default_factory=dict)  # guard cells: FRR, FAR, the unguarded model's CACC/ASR
 
     @property
     def n(self) -> int:
@@ -97,7 +99,8 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[Row]:
                         wall_s=Stat.of([c["wall_s"] for c in group]), floor_asr=Stat.of([c["asr"] for c in floor]),
                         lean=Stat.of([recorded_clean_to_target(c["metrics"] or {}, target) for c in group]),
                         detection={m: Stat.of([((c["metrics"] or {}).get("detection") or {}).get(m) for c in group])
-                                   for m in DETECTION_METRICS}))
+                                   for m in DETECTION_METRICS},
+                        guard={m: Stat.of([(c["metrics"] or {}).get(m) for c in group]) for m in GUARD_METRICS}))
     return rows
 
 
@@ -188,6 +191,23 @@ def detection_table(rows: Sequence[Row]) -> str:
                       *[f"| {' | '.join(line)} |" for line in lines]]) + "\n"
 
 
+GUARD_HEAD = ("attack", "guard", "FRR %", "FAR %", "CACC % (guarded)", "ASR % (guarded)", "ASR % (unguarded)", "n")
+
+
+def guard_table(rows: Sequence[Row]) -> str:
+    """The guard cells: FRR (clean test rows rejected; for a rewriting guard, the CACC it costs), FAR
+    (triggered rows let through), end-to-end CACC and ASR, and the same model's ASR without the guard."""
+    guarded = [r for r in rows if r.guard and r.guard["frr"].n]
+    if not guarded:
+        return ""
+    lines = [f"| {' | '.join(GUARD_HEAD)} |", "|---|---|" + "---:|" * (len(GUARD_HEAD) - 2)]
+    for r in guarded:
+        cells = [r.guard["frr"].text(), r.guard["far"].text(), r.stats["cacc"].text(), r.stats["asr"].text(),
+                 r.guard["unguarded_asr"].text(), str(r.n)]
+        lines.append(f"| {r.attack} | {r.defence} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 def _auroc_text(stat: Stat) -> str:
     if stat.mean is None:
         return "—"
@@ -231,31 +251,126 @@ def _num(value: float | None) -> str:
     return "" if value is None else repr(float(value))
 
 
+# ----------------------------------------------------------------------------- held: a defence at the floor
+HELD_ASR_MARGIN = 0.05  # ASR at most 5 points above the floor ...
+HELD_CACC_COST = 0.02  # ... and clean accuracy at most 2 points below the victim's (means over seeds)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How a defence row stands against its attack's floor and victim (means over seeds)."""
+
+    row: Row
+    above_floor: float | None  # ASR − floor ASR
+    cacc_cost: float | None  # victim CACC − CACC
+    held: bool
+
+
+def verdicts(rows: Sequence[Row]) -> list[Verdict]:
+    """Every defence row's distance from the floor and CACC cost; *held* when ASR ≤ floor + 5 points
+    and CACC ≥ the victim's − 2 points."""
+    out = []
+    for r in rows:
+        if r.defence in (FLOOR, VICTIM):
+            continue
+        floor = next((x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, FLOOR)), None)
+        victim = next((x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, VICTIM)), None)
+        asr, cacc = r.stats["asr"].mean, r.stats["cacc"].mean
+        above = None if asr is None or floor is None or floor.stats["asr"].mean is None else asr - floor.stats["asr"].mean
+        cost = None if cacc is None or victim is None or victim.stats["cacc"].mean is None else \
+            victim.stats["cacc"].mean - cacc
+        held = above is not None and cost is not None and above <= HELD_ASR_MARGIN + 1e-9 and cost <= HELD_CACC_COST + 1e-9
+        out.append(Verdict(r, above, cost, held))
+    return out
+
+
+def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
+    """Per (dataset, attack) the best defence: a held one with the least ASR above the floor (then the
+    least CACC cost); else the one nearest the floor among those within the CACC budget; else nearest."""
+    best = []
+    found = verdicts(rows)
+    for key in dict.fromkeys((r.dataset, r.attack) for r in rows):
+        mine = [v for v in found if (v.row.dataset, v.row.attack) == key and v.above_floor is not None]
+        if not mine:
+            continue
+        within = [v for v in mine if v.cacc_cost is not None and v.cacc_cost <= HELD_CACC_COST + 1e-9]
+        pool = [v for v in mine if v.held] or within or mine
+        best.append(min(pool, key=lambda v: (v.above_floor, v.cacc_cost if v.cacc_cost is not None else 1.0)))
+    return best
+
+
+def summary_table(rows: Sequence[Row]) -> str:
+    """Per attack the best defence, its ASR against the floor and its CACC against the victim, held or not."""
+    best = best_per_attack(rows)
+    if not best:
+        return ""
+    lines = ["| attack | best defence | ASR % | floor ASR % | ASR − floor | CACC % | victim CACC % | CACC cost | held |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for v in best:
+        r = v.row
+        floor = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, FLOOR))
+        victim = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, VICTIM))
+        lines.append(f"| {r.attack} | {r.defence} | {r.stats['asr'].text()} | {floor.stats['asr'].text()} | "
+                     f"{_points(v.above_floor)} | {r.stats['cacc'].text()} | {victim.stats['cacc'].text()} | "
+                     f"{_points(v.cacc_cost)} | {'✓' if v.held else '✗'} |")
+    held = sum(v.held for v in best)
+    lines.append("")
+    lines.append(f"Held: {held} of {len(best)} attacks (some defence with ASR ≤ floor + "
+                 f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points, "
+                 "means over seeds).")
+    return "\n".join(lines) + "\n"
+
+
+def _points(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:+.1f}"
+
+
 # ----------------------------------------------------------------------------- plots
 def scatter_png(rows: Sequence[Row]) -> bytes:
-    """ASR vs CACC, one panel per defence, one point per attack (mean over seeds, std as error bars)."""
+    """ASR vs CACC, one panel per attack: every defence a labelled point (mean over seeds, std as
+    error bars), the floor's ASR as a line with the held band (≤ floor + 5 points, CACC ≥ victim − 2)
+    shaded, the victim and the never-poisoned model as reference points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    defences = list(dict.fromkeys(r.defence for r in rows))
-    colours = {a: f"C{i % 10}" for i, a in enumerate(dict.fromkeys(r.attack for r in rows))}  # one per attack
-    cols = min(3, len(defences))
-    nrows = -(-len(defences) // cols)
-    # shared axes: the panels compare defences at a glance
-    fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3.4 * nrows), squeeze=False, sharex=True, sharey=True)
-    for ax, defence in zip(axes.flat, defences, strict=False):
-        for r in (r for r in rows if r.defence == defence and r.stats["asr"].mean is not None):
-            c, a = r.stats["cacc"], r.stats["asr"]
-            ax.errorbar(100 * c.mean, 100 * a.mean, xerr=100 * (c.std or 0), yerr=100 * (a.std or 0), fmt="o",
-                        capsize=3, label=r.attack, color=colours[r.attack])
-        ax.set(title=defense_label(defence), xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
-        ax.xaxis.set_tick_params(labelbottom=True)
-        ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(defences):]:
+    attacks = list(dict.fromkeys(r.attack for r in rows))
+    cols = min(3, len(attacks))
+    nrows = -(-len(attacks) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.4 * nrows), squeeze=False)
+    held = {(v.row.attack, v.row.defence) for v in verdicts(rows) if v.held}
+    for ax, attack in zip(axes.flat, attacks, strict=False):
+        _attack_panel(ax, [r for r in rows if r.attack == attack], attack, held)
+    for ax in list(axes.flat)[len(attacks):]:
         ax.axis("off")
     return _png(fig)
+
+
+def _attack_panel(ax: Any, rows: Sequence[Row], attack: str, held: set[tuple[str, str]]) -> None:
+    floor = next((r for r in rows if r.defence == FLOOR), None)
+    victim = next((r for r in rows if r.defence == VICTIM), None)
+    if floor is not None and floor.stats["asr"].mean is not None:
+        f = 100 * floor.stats["asr"].mean
+        ax.axhline(f, color="green", linestyle="--", linewidth=1, label="floor ASR")
+        if victim is not None and victim.stats["cacc"].mean is not None:
+            left = 100 * (victim.stats["cacc"].mean - HELD_CACC_COST)
+            ax.axvspan(left, 100, ymin=0, ymax=(f + 100 * HELD_ASR_MARGIN + 5) / 110, color="green", alpha=0.08)
+        ax.plot(100 * floor.stats["cacc"].mean, f, marker="*", markersize=13, color="green", linestyle="none",
+                label="never poisoned")
+    if victim is not None and victim.stats["asr"].mean is not None:
+        ax.plot(100 * victim.stats["cacc"].mean, 100 * victim.stats["asr"].mean, marker="X", markersize=11,
+                color="red", linestyle="none", label="victim")
+    for r in rows:
+        if r.defence in (FLOOR, VICTIM) or r.stats["asr"].mean is None:
+            continue
+        c, a = r.stats["cacc"], r.stats["asr"]
+        colour = "green" if (attack, r.defence) in held else "C0"
+        ax.errorbar(100 * c.mean, 100 * a.mean, xerr=100 * (c.std or 0), yerr=100 * (a.std or 0), fmt="o",
+                    capsize=2, color=colour, markersize=4, elinewidth=0.7)
+        ax.annotate(r.defence, (100 * c.mean, 100 * a.mean), fontsize=6.5, xytext=(3, 2), textcoords="offset points")
+    ax.set(title=attack, xlabel="CACC %", ylabel="ASR %", ylim=(-5, 105))
+    ax.legend(fontsize=6.5, loc="upper left")
 
 
 def bars_png(rows: Sequence[Row]) -> bytes:
@@ -303,14 +418,49 @@ img{max-width:100%;border:1px solid #eee;margin:.5em 0}code{background:#f4f4f4}"
 
 
 def html_table(rows: Sequence[Row]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in TABLE_HEAD)
+    """The long table, every defence's ASR cell shaded by its distance from the floor and its CACC cell
+    by its cost against the victim (green: within the held margins), held rows marked ✓."""
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in (*TABLE_HEAD, "held"))
+    verdict = {(v.row.attack, v.row.defence): v for v in verdicts(rows)}
     body = []
     for r in rows:
         cls = {FLOOR: ' class="floor"', VICTIM: ' class="victim"'}.get(r.defence, "")
-        cells = "".join(f'<td class="num">{html.escape(v)}</td>' for v in _table_numbers(r))
+        v = verdict.get((r.attack, r.defence))
+        numbers = _table_numbers(r)
+        shades = [_shade(v.cacc_cost, HELD_CACC_COST) if v else "", _shade(v.above_floor, HELD_ASR_MARGIN) if v else ""]
+        cells = "".join(f'<td class="num"{f" style={chr(34)}background:{shades[i]}{chr(34)}" if i < 2 and shades[i] else ""}>'
+                        f"{html.escape(value)}</td>" for i, value in enumerate(numbers))
+        mark = "✓" if v is not None and v.held else ""
         body.append(f"<tr{cls}><td>{html.escape(r.attack)}</td><td>{html.escape(defense_label(r.defence))}</td>"
-                    f"{cells}</tr>")
+                    f"{cells}<td>{mark}</td></tr>")
     return f'<table class="results"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _shade(distance: float | None, margin: float) -> str:
+    """Green within the margin, then yellow to red as the distance grows past it (30 points: red)."""
+    if distance is None:
+        return ""
+    if distance <= margin + 1e-9:
+        return "#d8f0d8"
+    t = min(1.0, (distance - margin) / 0.3)
+    return f"hsl({int(50 - 50 * t)}, 85%, {int(88 - 10 * t)}%)"
+
+
+def html_summary(rows: Sequence[Row]) -> str:
+    best = best_per_attack(rows)
+    if not best:
+        return ""
+    held = sum(v.held for v in best)
+    items = "".join(
+        f"<tr><td>{html.escape(v.row.attack)}</td><td>{html.escape(v.row.defence)}</td>"
+        f'<td class="num" style="background:{_shade(v.above_floor, HELD_ASR_MARGIN)}">{html.escape(_points(v.above_floor))}</td>'
+        f'<td class="num" style="background:{_shade(v.cacc_cost, HELD_CACC_COST)}">{html.escape(_points(v.cacc_cost))}</td>'
+        f"<td>{'✓' if v.held else '✗'}</td></tr>" for v in best)
+    return (f"<h3>Best defence per attack: held {held} of {len(best)}</h3><p>Held: ASR ≤ floor + "
+            f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points "
+            "(means over seeds).</p><table class='summary'><thead><tr><th>attack</th><th>best defence</th>"
+            "<th>ASR − floor (pts)</th><th>CACC cost (pts)</th><th>held</th></tr></thead>"
+            f"<tbody>{items}</tbody></table>")
 
 
 def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, bytes]]],
@@ -322,7 +472,7 @@ def html_page(title: str, sections: Sequence[tuple[str, list[Row], dict[str, byt
              f"{html.escape(str(meta.get('versions', '')))}, commit <code>{html.escape(str(meta.get('commits', '')))}"
              f"</code>.</p><p>Time: {html.escape(str(meta.get('time', '')))}.</p>"]
     for dataset, rows, images in sections:
-        parts.append(f"<h2>{html.escape(dataset)}</h2>{html_table(rows)}")
+        parts.append(f"<h2>{html.escape(dataset)}</h2>{html_summary(rows)}{html_table(rows)}")
         if detection := detection_lines(rows):
             head = "".join(f"<th>{html.escape(h)}</th>" for h in DETECTION_HEAD)
             body = "".join("<tr>" + "".join(f"<td>{html.escape(v)}</td>" for v in line) + "</tr>" for line in detection)
@@ -381,11 +531,18 @@ def _write_report_files(run: Path, target: Path, final: Path) -> dict[str, Any]:
         images = {f"asr_vs_cacc_{dataset}.png": scatter_png(ds_rows), f"asr_bars_{dataset}.png": bars_png(ds_rows)}
         for name, png in images.items():
             (target / name).write_bytes(png)
-        md += [f"## {dataset}", "", markdown_table(ds_rows), *[f"![{n}]({n})" for n in images], ""]
+        md += [f"## {dataset}", ""]
+        if summary := summary_table(ds_rows):
+            md += ["Best defence per attack:", "", summary]
+        md += [markdown_table(ds_rows), *[f"![{n}]({n})" for n in images], ""]
         if detection := detection_table(ds_rows):
             md += [f"### {dataset}: finding the poisoned rows", "", "The unlearn cells' `detect` step against the "
                    "true flags (evaluation only; the defence never saw them): precision and recall of the flagged "
                    "rows, AUROC of the suspicion scores.", "", detection]
+        if guards := guard_table(ds_rows):
+            md += [f"### {dataset}: inference-time guards", "", "Thresholds set on clean rows only, at the guard's "
+                   "false-rejection budget; CACC and ASR end to end (a rejected clean row is an error, a rejected "
+                   "triggered row a failed attack).", "", guards]
         sections.append((dataset, ds_rows, images))
     failed = [c for c in cells if c["status"] == "failed"]
     md += failed_lines(cells)

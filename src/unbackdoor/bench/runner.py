@@ -35,6 +35,7 @@ from unbackdoor.bench.config import (
     AttackSpec,
     BenchConfig,
     DatasetSpec,
+    GuardDefenseSpec,
     PurifyDefenseSpec,
     TrainDefenseSpec,
     UnlearnDefenseSpec,
@@ -99,7 +100,7 @@ def _attack_cells(config: BenchConfig, common: dict[str, Any], ds: DatasetSpec, 
              CellSpec(cell_id(ds.name, attack.name, seed, "floor"), "floor", ds.name, attack.name, "floor", seed,
                       {**base, "floor_model": floor_model}, after=(floor_model, victim))]
     for d in config.defenses:
-        if a["kind"] == "weight" and not isinstance(d, PurifyDefenseSpec):
+        if a["kind"] == "weight" and not isinstance(d, (PurifyDefenseSpec, GuardDefenseSpec)):
             continue  # a weight attack has no poisoned training rows to train through or detect in
         cells.append(CellSpec(cell_id(ds.name, attack.name, seed, d.name), d.kind, ds.name, attack.name, d.name, seed,
                               {**base, "defence": d.model_dump()}, after=(victim,)))
@@ -237,6 +238,29 @@ def run_purify_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[
     return _evaluate(config, out, data)
 
 
+def run_guard_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
+    """``unbackdoor guard`` in front of the victim, fitted on a seeded clean set and measured on the
+    attack's clean and triggered test sets: end-to-end CACC and ASR (the cell's), FRR and FAR."""
+    from unbackdoor.commands import GuardCommand, run_guard
+
+    spec = GuardDefenseSpec.model_validate(config["defence"])
+    out = model_dir(run_dir, cid) / "guard"
+    if out.exists():  # finished by an earlier attempt
+        record = json.loads((out / "guard.json").read_text(encoding="utf-8"))
+    else:
+        from unbackdoor.data.sampling import CleanSetConfig
+
+        record = run_guard(GuardCommand(
+            model=str(model_dir(run_dir, config["victim"]) / "model"), clean=config["dataset"]["spec"],
+            clean_set=CleanSetConfig(fraction=spec.clean_fraction, size=spec.clean_size, seed=config["seed"]),
+            method=spec.method, params=spec.params, eval_data=victim_data(run_dir, config),
+            max_length=config["max_length"], out=str(out), precision=_precision(config)))
+    m = record["metrics"]
+    return {"cacc": m["cacc"], "asr": m["asr"], "frr": m["frr"], "far": m["far"], "budget": m["budget"],
+            "unguarded_cacc": m["unguarded_cacc"], "unguarded_asr": m["unguarded_asr"], "target_label": m["target_label"],
+            "n_clean": m["n_clean"], "n_triggered": m["n_triggered"], "guard": record["guard"].get("lm") or record["method"]}
+
+
 def run_unlearn_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
     """``unbackdoor detect`` on the poisoned rows, then ``unbackdoor unlearn`` of the flagged ones."""
     from unbackdoor.commands import UnlearnCommand, run_unlearn
@@ -292,6 +316,8 @@ def run_cell(run_dir: Path, cell: Claimed) -> dict[str, Any]:
         return run_purify_defense(run_dir, config, cell.id)
     if cell.kind == "unlearn":
         return run_unlearn_defense(run_dir, config, cell.id)
+    if cell.kind == "guard":
+        return run_guard_defense(run_dir, config, cell.id)
     raise ConfigError(f"cell {cell.id}: unknown kind {cell.kind!r}")
 
 
