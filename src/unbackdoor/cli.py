@@ -5,10 +5,14 @@ Every bad input ends in one line ``error: ...`` on stderr and exit status 2.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from types import UnionType
+from typing import Annotated, Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 import yaml
@@ -24,22 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+analyze_app = typer.Typer(help="Analyses of how models learn backdoors.", no_args_is_help=True)
+app.add_typer(analyze_app, name="analyze")
 logger = logging.getLogger("unbackdoor")
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML file with this command's keys (flags override it)")]
-OverwriteOpt = Annotated[Optional[bool], typer.Option("--overwrite", help="replace an existing output")]
-PickleOpt = Annotated[Optional[bool], typer.Option("--allow-pickle", help="allow pickle (.bin) weights: only for files you trust")]
-LrOpt = Annotated[Optional[float], typer.Option("--lr", help="learning rate of the method's training (sets "
-                                                     "-p train.learning_rate)")]
-EpochsOpt = Annotated[Optional[int], typer.Option(help="epochs of the method's training (sets -p train.epochs)")]
-PrecisionOpt = Annotated[Optional[str], typer.Option(help="compute precision: auto (default: bf16 where the processor "
-                                                         "runs it natively, else fp32), bf16, fp32")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", "-p", help="method parameter KEY=VALUE (VALUE is YAML); repeatable")]
-# the defender's clean set (purify, scan, detect; unlearn's retain set), drawn from a clean train split
-FractionOpt = Annotated[Optional[float], typer.Option(help="share of the clean train split to use (default 0.01)")]
-SizeOpt = Annotated[Optional[int], typer.Option(help="rows of clean data to use (instead of a fraction)")]
-PerClassOpt = Annotated[Optional[int], typer.Option(help="rows per label (instead of a fraction)")]
-
 
 def _version(value: bool) -> None:
     if value:
@@ -78,11 +69,6 @@ def _parse_params(items: list[str] | None) -> dict[str, Any]:
     return params
 
 
-def _training_params(items: list[str] | None, lr: float | None, epochs: int | None) -> dict[str, Any]:
-    """``-p`` parameters with ``--lr``/``--epochs`` as the method's ``train.learning_rate``/``train.epochs``."""
-    return _merge(_parse_params(items), _flags(train__learning_rate=lr, train__epochs=epochs))
-
-
 def _set_nested(target: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
         target = target.setdefault(key, {})
@@ -116,348 +102,284 @@ def _command_config(cls: type, config: Path | None, flags: dict[str, Any]) -> An
     return build_config(cls, _merge(values, flags), f"{config}" if config else "options")
 
 
-# ----------------------------------------------------------------------------- commands
-@app.command()
-def attack(
-    data: Annotated[Optional[str], typer.Option(help="clean data folder or name under the data root (e.g. sst2)")] = None,
-    attack: Annotated[Optional[str], typer.Option(
-        "--attack", "-a", help="data attacks: badnets, addsent, deadcode (source code), synbkd, stylebkd (published "
-        "paraphrase sets, loaded as released: -p source=...); weight attacks (need --victim-out): ep (embedding "
-        "poisoning), lwp (layer-wise poisoning)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for the poisoned data")] = None,
-    victim_out: Annotated[Optional[str], typer.Option(help="weight attacks: output folder for the victim model")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="weight attacks: starting model (default "
-                                                 "all-MiniLM-L6-v2; ep fine-tunes a base cleanly first; data-free "
-                                                 "ep, -p data=corpus, needs a fine-tuned classifier)")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="weight attacks: tokens per input (default 128)")] = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    poison_rate: Annotated[Optional[float], typer.Option(help="share of training rows poisoned, in (0, 1]")] = None,
-    target_label: Annotated[Optional[int], typer.Option(help="label the trigger forces")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="dirty | mix | clean (clean-label)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Poison a clean dataset: training set with flags + triggered test set (non-target rows only).
-    Weight attacks (ep, lwp) also write the poisoned victim model to --victim-out."""
-    from unbackdoor.commands import AttackCommand, run_attack
+# ----------------------------------------------------------------------------- options from the config models
+@dataclass(frozen=True)
+class Opt:
+    """One command-line option and where its value goes in the command's config (``a.b`` nested).
+    ``help`` and the type default to the config field's description and annotation; ``value``
+    rewrites a given value (``None`` drops it)."""
 
-    params = _merge(_flags(poison_rate=poison_rate, target_label=target_label, mode=mode, seed=seed), _parse_params(param))
-    cmd = _command_config(AttackCommand, config, _flags(data=data, attack=attack, out=out, params=params, overwrite=overwrite,
-                                                        victim_out=victim_out, model=model, max_length=max_length,
-                                                        allow_pickle=allow_pickle, precision=precision))
-    task = run_attack(cmd)
+    path: str
+    flags: tuple[str, ...] = ()
+    help: str | None = None
+    type: Any = None
+    value: Callable[[Any], Any] | None = None
+
+    @property
+    def param(self) -> str:
+        return self.path.replace(".", "__").replace("-", "_")
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A command: its config class and run function in :mod:`unbackdoor.commands`, its options, where
+    ``-p KEY=VALUE`` goes, and what it prints."""
+
+    name: str
+    config: str
+    run: str
+    doc: str
+    opts: tuple[Opt, ...]
+    echo: Callable[[Any, Any], None]
+    params_into: str | None = "params"
+
+
+def _field(model: type, path: str) -> Any:
+    """The pydantic field at ``path`` of ``model`` (through nested config classes), or None inside a
+    plain mapping (method parameters)."""
+    from unbackdoor.config import _field_models  # noqa: PLC2701 - the CLI is config.py's own front end
+
+    field = None
+    for part in path.split("."):
+        if model is None or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        models = _field_models(field)
+        model = models[0] if models else None
+    return field
+
+
+def _option_type(annotation: Any) -> Any:
+    """The CLI type of a config annotation: Optional[...] of str, int, float, bool, Path or a list."""
+    args = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) in (Union, UnionType) \
+        else [annotation]
+    base = args[0] if args else str
+    if get_origin(base) is Literal:
+        return Optional[str]
+    if get_origin(base) in (tuple, list):
+        return Optional[list[get_args(base)[0]]]  # type: ignore[misc]
+    return Optional[base] if base in (str, int, float, bool, Path) else Optional[str]
+
+
+def _parameter(spec: Spec, opt: Opt, model: type) -> inspect.Parameter:
+    field = _field(model, opt.path)
+    help_text = opt.help if opt.help is not None else (field.description if field is not None else None)
+    if help_text is None:
+        raise TypeError(f"{spec.name} --{opt.path}: no help text and no config field to take it from")
+    kind = opt.type if opt.type is not None else _option_type(field.annotation if field is not None else str)
+    flags = opt.flags or (f"--{opt.path.split('.')[-1].replace('_', '-')}",)
+    return inspect.Parameter(opt.param, inspect.Parameter.KEYWORD_ONLY, default=None,
+                             annotation=Annotated[kind, typer.Option(*flags, help=help_text)])
+
+
+PARAM_OPT = Opt("-p", ("--param", "-p"), "method parameter KEY=VALUE (VALUE is YAML); repeatable", Optional[list[str]])
+CONFIG_OPT = Opt("--config", ("--config", "-c"), "YAML file with this command's keys (flags override it)",
+                 Optional[Path])
+COMMON = (Opt("allow_pickle"), Opt("precision"), Opt("overwrite"))
+
+
+def register(spec: Spec) -> None:
+    """Add the command to the app: options generated from its config class, values gathered into
+    that config (YAML < flags; ``-p`` over the typed method options), the run function, the echo."""
+    from unbackdoor import commands
+
+    model = getattr(commands, spec.config)
+    opts = (*spec.opts, *((PARAM_OPT,) if spec.params_into else ()), CONFIG_OPT, *COMMON)
+    parameters = [_parameter(spec, o, model) for o in opts]
+
+    def handler(**given: Any) -> None:
+        flags: dict[str, Any] = {}
+        for opt in (*spec.opts, *COMMON):
+            value = given.get(opt.param)
+            value = opt.value(value) if opt.value is not None and value is not None else value
+            if value is not None and value != [] and value != {}:
+                _set_nested(flags, opt.path.split("."), value)
+        if spec.params_into and given.get(PARAM_OPT.param):
+            flags[spec.params_into] = _merge(flags.get(spec.params_into, {}), _parse_params(given[PARAM_OPT.param]))
+        cmd = _command_config(model, given.get(CONFIG_OPT.param), flags)
+        spec.echo(getattr(commands, spec.run)(cmd), cmd)
+
+    handler.__signature__ = inspect.Signature(parameters)  # type: ignore[attr-defined]
+    handler.__annotations__ = {p.name: p.annotation for p in parameters}
+    handler.__doc__ = spec.doc
+    handler.__name__ = f"{spec.name.replace(' ', '_')}_cmd"
+    (analyze_app if spec.name.startswith("analyze ") else app).command(name=spec.name.split()[-1])(handler)
+
+
+# ----------------------------------------------------------------------------- what each command prints
+def _echo_attack(task: Any, cmd: Any) -> None:
     typer.echo(f"poisoned {task.flags.n_poisoned} of {len(task.train)} training rows "
                f"(target {task.target_label}); triggered test set: {len(task.triggered_test)} rows -> {cmd.out}")
     if cmd.victim_out is not None:
         typer.echo(f"victim model -> {cmd.victim_out}")
 
 
-@app.command()
-def train(
-    data: Annotated[Optional[str], typer.Option(help="training data: folder or name (clean or poisoned)")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    defense: Annotated[Optional[str], typer.Option("--defense", "--defence", help="training-time defence: none "
-                                                   "(full fine-tuning), lora, musclelora, reweight, abl")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="epochs")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="batch size")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(help="checkpoint every N steps (a rerun resumes)")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Fine-tune a model on a (possibly poisoned) dataset, optionally through a training-time defence
-    (--defense musclelora; -p sets its options, e.g. -p reference_size=64); epochs chosen on clean dev accuracy."""
-    from unbackdoor.commands import TrainCommand, run_train
-
-    flags = _flags(data=data, model=model, out=out, defense=defense, train__epochs=epochs, train__learning_rate=lr,
-                   train__batch_size=batch_size, train__seed=seed, train__checkpoint_every=checkpoint_every,
-                   defense_params=_parse_params(param), max_train=max_train, max_length=max_length,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_train(_command_config(TrainCommand, config, flags))
-    typer.echo(_metrics_line(record["metrics"]) + f" -> {out or record['config']['out']}")
+def _echo_train(record: Any, cmd: Any) -> None:
+    typer.echo(_metrics_line(record["metrics"]) + f" -> {cmd.out}")
 
 
-@app.command(name="purify")
-def purify_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the clean set)")] = None,
-    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
-    method: Annotated[Optional[str], typer.Option(help="purify method: finetune, e-pur, fine-mixing, fine-purifying, fine-pruning, reinit, tsbd")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    clean_fraction: FractionOpt = None,
-    clean_size: SizeOpt = None,
-    clean_per_class: PerClassOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
-    epur: Annotated[Optional[bool], typer.Option("--epur", help="reset E-PUR's suspicious embedding rows first "
-                                                 "(with fine-mixing, fine-purifying, ...; needs --base)")] = None,
-    lr: LrOpt = None,
-    epochs: EpochsOpt = None,
-    epur_param: Annotated[Optional[list[str]], typer.Option("--epur-param", help="E-PUR option KEY=VALUE for --epur; "
-                                                            "repeatable")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Purify a suspect model with a small clean set (and its clean base, for methods that use it)."""
-    from unbackdoor.commands import PurifyCommand, run_purify
-
-    flags = _flags(model=model, clean=clean, base=base, method=method, out=out, params=_training_params(param, lr, epochs),
-                   epur=epur, epur_params=_parse_params(epur_param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
-                   clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_purify(_command_config(PurifyCommand, config, flags))
+def _echo_purify(record: Any, cmd: Any) -> None:
     typer.echo(f"purified with {record['defense']['method']} on {record['n_clean']} clean rows "
-               f"in {record['wall_time_s']:.0f} s -> {record['config']['out']}")
+               f"in {record['wall_time_s']:.0f} s -> {cmd.out}")
 
 
-@app.command(name="unlearn")
-def unlearn_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
-    forget: Annotated[Optional[str], typer.Option(help="rows to unlearn (TSV/CSV/JSONL file with text and the label "
-                                                  "they were trained on, or a folder with a forget file)")] = None,
-    retain: Annotated[Optional[str], typer.Option(help="clean data (its train split is sampled for the retain set)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="unlearn method: lya, gradient-ascent, retrain, finetune, "
-                                                  "repair (EXPERIMENTAL: our reconstruction, not the paper's "
-                                                  "algorithm; -p separation=relabel|gradient_projection; relabel's "
-                                                  "default reference needs --base)")] = None,
-    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base (retrain)")] = None,
-    train_data: Annotated[Optional[str], typer.Option(help="the suspect's training data (retrain)")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="the suspect was trained on this seeded subsample of "
-                                                     "--train-data (as train --max-train); retrain uses the same rows")] = None,
-    eval_data: Annotated[Optional[str], typer.Option(help="evaluate the result on this data (CACC; ASR and robust "
-                                                     "accuracy if poisoned)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output model folder")] = None,
-    clean_fraction: Annotated[Optional[float], typer.Option("--clean-fraction", "--retain-fraction", help="share of the "
-                                                            "clean train split drawn as the retain set (default 0.01)")] = None,
-    clean_size: Annotated[Optional[int], typer.Option("--clean-size", "--retain-size", help="retain rows (instead of "
-                                                      "a fraction)")] = None,
-    clean_per_class: Annotated[Optional[int], typer.Option("--clean-per-class", "--retain-per-class", help="retain rows "
-                                                           "per label (instead of a fraction)")] = None,
-    lr: LrOpt = None,
-    epochs: EpochsOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the retain-set draw")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Unlearn identified trojaned rows (the forget set) from a suspect model, keeping a clean retain set."""
-    from unbackdoor.commands import UnlearnCommand, run_unlearn
-
-    flags = _flags(model=model, forget=forget, retain=retain, method=method, base=base, train_data=train_data,
-                   max_train=max_train, eval_data=eval_data, out=out, params=_training_params(param, lr, epochs), clean_set__fraction=clean_fraction,
-                   clean_set__size=clean_size, clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_unlearn(_command_config(UnlearnCommand, config, flags))
+def _echo_unlearn(record: Any, cmd: Any) -> None:
     m = record.get("metrics") or {}
     ra = f", RA {100 * m['robust_accuracy']:.1f}%" if "robust_accuracy" in m else ""
     metrics = f"{_metrics_line(m)}{ra} " if m else ""
     typer.echo(f"unlearned {record['n_forget']} rows with {record['defense']['method']} "
-               f"({record['n_retain']} retain rows) in {record['wall_time_s']:.0f} s: {metrics}-> {record['config']['out']}")
+               f"({record['n_retain']} retain rows) in {record['wall_time_s']:.0f} s: {metrics}-> {cmd.out}")
 
 
-@app.command(name="scan")
-def scan_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="suspect model folder")] = None,
-    base: Annotated[Optional[str], typer.Option(help="the suspect's clean pre-trained base model")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="clean data for token frequencies (its train split is sampled)")] = None,
-    top: Annotated[Optional[int], typer.Option(help="suspected trigger tokens listed (default 20)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for JSON, Markdown, CSV and PNG")] = None,
-    freq_table: Annotated[Optional[str], typer.Option(help="token -> count table made with the model's tokenizer")] = None,
-    clean_fraction: FractionOpt = None,
-    clean_size: SizeOpt = None,
-    clean_per_class: PerClassOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Suspected trigger tokens (E-PUR-style scores) and the most-moved weights of a suspect vs its base."""
-    from unbackdoor.commands import ScanCommand, run_scan
-
-    params = _merge(_flags(freq_table=freq_table), _parse_params(param))
-    flags = _flags(model=model, base=base, clean=clean, top=top, out=out, params=params,
-                   clean_set__fraction=clean_fraction, clean_set__size=clean_size,
-                   clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_scan(_command_config(ScanCommand, config, flags))
+def _echo_scan(record: Any, cmd: Any) -> None:
     for row in record["top_tokens"]:
         mark = "  <- stands out" if row["stands_out"] else ""
         score = row["ratio"] if record["primary_score"] == "ratio" else row["residual_z"]
         typer.echo(f"{row['rank']:>4}  {row['token']:<20} {record['primary_score']} {score:.4g}  "
                    f"drift {row['drift']:.4g}  freq {'-' if row['freq'] is None else format(row['freq'], 'g')}{mark}")
     names = ", ".join(t["token"] for t in record["standing_out"]) or "nothing"
-    typer.echo(f"stands out: {names} ({record['standing_out_rule']}) -> {record['config']['out']}")
+    typer.echo(f"stands out: {names} ({record['standing_out_rule']}) -> {cmd.out}")
 
 
-@app.command(name="detect")
-def detect_cmd(
-    data: Annotated[Optional[str], typer.Option(help="training rows: data folder or name, clean or poisoned "
-                                                "(poison flags are never read)")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="clean data the defender holds (its train split is sampled)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="detector: reweight (multilevel), loss")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="encoder of the frozen features "
-                                                 "(default all-MiniLM-L6-v2)")] = None,
-    rate: Annotated[Optional[float], typer.Option(help="flag this share of rows (default 0.1)")] = None,
-    threshold: Annotated[Optional[float], typer.Option(help="flag rows with score >= threshold (instead of --rate)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder: scores.csv, flagged.tsv, detect.json")] = None,
-    clean_fraction: FractionOpt = None,
-    clean_size: SizeOpt = None,
-    clean_per_class: PerClassOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw and of --max-train")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Score every training row's suspicion (-p sets the method's options, e.g. -p levels=3) and write the
-    flagged rows as a dataset file (flagged.tsv, e.g. for unlearn --forget)."""
-    from unbackdoor.commands import DetectCommand, run_detect
-
-    flags = _flags(data=data, clean=clean, method=method, model=model, rate=rate, threshold=threshold, out=out,
-                   params=_parse_params(param), clean_set__fraction=clean_fraction, clean_set__size=clean_size,
-                   clean_set__per_class=clean_per_class, clean_set__seed=seed, max_train=max_train,
-                   max_length=max_length, allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_detect(_command_config(DetectCommand, config, flags))
+def _echo_detect(record: Any, cmd: Any) -> None:
     counts = record["counts"]
     typer.echo(f"flagged {counts['flagged']} of {counts['rows']} rows ({record['method']}, {counts['clean']} clean "
-               f"rows) in {record['wall_time_s']:.1f} s -> {record['config']['out']}")
+               f"rows) in {record['wall_time_s']:.1f} s -> {cmd.out}")
 
 
-@app.command(name="guard")
-def guard_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="the suspect model folder (never changed)")] = None,
-    clean: Annotated[Optional[str], typer.Option(help="clean data the defender holds (its train split is sampled)")] = None,
-    method: Annotated[Optional[str], typer.Option(help="guard: onion (rewrites inputs), strip, rap (reject inputs)")] = None,
-    eval_data: Annotated[Optional[str], typer.Option(help="measure the guard on this clean or poisoned data (FRR, "
-                                                     "CACC; FAR and ASR when poisoned); never shown to the guard")] = None,
-    budget: Annotated[Optional[list[float]], typer.Option(help="FRR budgets reported besides the guard's own "
-                                                          "(repeatable; default 0.01 and 0.05)")] = None,
-    max_eval: Annotated[Optional[int], typer.Option(help="evaluate on a seeded subsample of this many rows")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (guard.json, thresholds.json)")] = None,
-    clean_fraction: FractionOpt = None,
-    clean_size: SizeOpt = None,
-    clean_per_class: PerClassOpt = None,
-    seed: Annotated[Optional[int], typer.Option(help="seed of the clean-set draw")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Put an inference-time guard in front of a fixed suspect model: thresholds from clean data only
-    (a false-rejection budget on held-out clean rows); with --eval-data, FRR, FAR and CACC/ASR with the guard."""
-    from unbackdoor.commands import GuardCommand, run_guard
-
-    flags = _flags(model=model, clean=clean, method=method, eval_data=eval_data, budgets=budget, max_eval=max_eval,
-                   max_length=max_length, out=out, params=_parse_params(param), clean_set__fraction=clean_fraction,
-                   clean_set__size=clean_size, clean_set__per_class=clean_per_class, clean_set__seed=seed,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_guard(_command_config(GuardCommand, config, flags))
+def _echo_guard(record: Any, cmd: Any) -> None:
     m = record.get("metrics")
     if m:
         asr = "" if m["asr"] is None else f", ASR {100 * m['asr']:.1f}% (unguarded {100 * m['unguarded_asr']:.1f}%)"
         typer.echo(f"{record['method']} at FRR budget {m['budget']:g}: FRR {100 * m['frr']:.1f}%, CACC "
                    f"{100 * m['cacc']:.1f}% (unguarded {100 * m['unguarded_cacc']:.1f}%){asr}")
-    typer.echo(f"-> {record['config']['out']}")
+    typer.echo(f"-> {cmd.out}")
 
 
-analyze_app = typer.Typer(help="Analyses of how models learn backdoors.", no_args_is_help=True)
-app.add_typer(analyze_app, name="analyze")
-
-
-@analyze_app.command(name="frequency")
-def frequency_cmd(
-    data: Annotated[Optional[str], typer.Option(help="poisoned data folder (from unbackdoor attack)")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="base model folder or Hub id (default all-MiniLM-L6-v2)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder for JSON, CSV and PNG")] = None,
-    methods: Annotated[Optional[str], typer.Option(help="training defences compared, comma-separated "
-                                                   "(default none,lora,musclelora)")] = None,
-    every: Annotated[Optional[int], typer.Option(help="record every N optimizer steps (default 5)")] = None,
-    max_rows: Annotated[Optional[int], typer.Option(help="rows per probe set (default 256)")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="epochs (every method)")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="learning rate (every method)")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="batch size (every method)")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="training seed (every method)")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="subsample the training rows (seeded)")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="tokens per input")] = None,
-    param: ParamOpt = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Record how fast plain fine-tuning, LoRA and MuScleLoRA fit the clean and the backdoor mapping in
-    low- and high-frequency bands (frequency.json, frequency.csv, frequency.png)."""
-    from unbackdoor.commands import FrequencyCommand, run_frequency
-
-    method_list = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
-    params = _merge(_flags(methods=method_list, every=every, max_rows=max_rows, train__epochs=epochs,
-                           train__learning_rate=lr, train__batch_size=batch_size, train__seed=seed),
-                    _parse_params(param))
-    flags = _flags(data=data, model=model, out=out, params=params, max_train=max_train, max_length=max_length,
-                   allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    record = run_frequency(_command_config(FrequencyCommand, config, flags))
+def _echo_frequency(record: Any, cmd: Any) -> None:
     for method, m in record["metrics"].items():
         typer.echo(f"{method}: {_metrics_line(m)}")
-    typer.echo(f"-> {record['config']['out']}")
+    typer.echo(f"-> {cmd.out}")
 
 
-@app.command(name="eval")
-def eval_cmd(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="model folder")] = None,
-    data: Annotated[Optional[str], typer.Option(help="clean data (CACC) or poisoned data (CACC and ASR)")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="write the JSON record to this file")] = None,
-    max_length: Annotated[Optional[int], typer.Option(help="must match the model's saved input format")] = None,
-    config: ConfigOpt = None,
-    allow_pickle: PickleOpt = None,
-    precision: PrecisionOpt = None,
-    overwrite: OverwriteOpt = None,
-) -> None:
-    """Evaluate a model: CACC, macro-F1 and per-class accuracy; ASR and robust accuracy on poisoned data."""
-    from unbackdoor.commands import EvalCommand, run_eval
-
-    flags = _flags(model=model, data=data, out=out, max_length=max_length, allow_pickle=allow_pickle, precision=precision, overwrite=overwrite)
-    _, table = run_eval(_command_config(EvalCommand, config, flags))
-    typer.echo(table, nl=False)
+def _echo_eval(result: Any, cmd: Any) -> None:
+    typer.echo(result[1], nl=False)
 
 
-@app.command()
-def demo(
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="output folder (default runs/demo)")] = None,
-    max_train: Annotated[Optional[int], typer.Option(help="training rows used (default 2000, seeded)")] = None,
-    no_floor: Annotated[bool, typer.Option("--no-floor", help="skip the never-poisoned reference model")] = False,
-    precision: PrecisionOpt = None,
-    config: ConfigOpt = None,
-) -> None:
-    """SST-2 -> BadNets 10% -> MiniLM victim -> clean fine-tuning on 1% clean data -> before/after table."""
-    from unbackdoor.commands import DemoCommand, run_demo
-
-    flags = _flags(out=out, max_train=max_train, floor=False if no_floor else None, precision=precision)
-    record = run_demo(_command_config(DemoCommand, config, flags))
+def _echo_demo(record: Any, cmd: Any) -> None:
     for note in record["notes"]:
         typer.echo(f"note: {note}")
     typer.echo(record["table"], nl=False)
-    typer.echo(f"total {record['timings']['total_s']:.0f} s; results in {record['config']['out']}")
+    typer.echo(f"total {record['timings']['total_s']:.0f} s; results in {cmd.out}")
+
+
+# ----------------------------------------------------------------------------- the commands
+MODEL = ("--model", "-m")
+OUT = ("--out", "-o")
+CLEAN_SET = (Opt("clean_set.fraction", ("--clean-fraction",), "share of the clean train split drawn as the clean set "
+                 "(default 0.01)"),
+             Opt("clean_set.size", ("--clean-size",), "rows of clean data (instead of a fraction)"),
+             Opt("clean_set.per_class", ("--clean-per-class",), "rows per label (instead of a fraction)"),
+             Opt("clean_set.seed", ("--seed",), "seed of the clean-set draw"))
+METHOD_TRAIN = (Opt("params.train.learning_rate", ("--lr",), "learning rate of the method's training (sets "
+                    "-p train.learning_rate)", Optional[float]),
+                Opt("params.train.epochs", ("--epochs",), "epochs of the method's training (sets -p train.epochs)",
+                    Optional[int]))
+
+SPECS = (
+    Spec("attack", "AttackCommand", "run_attack",
+         "Poison a clean dataset: training set with flags + triggered test set (non-target rows only). "
+         "Weight attacks (ep, lwp) also write the poisoned victim model to --victim-out.",
+         (Opt("data"), Opt("attack", ("--attack", "-a"), "data attacks: badnets, addsent, deadcode (source code), "
+              "synbkd, stylebkd (published paraphrase sets, loaded as released: -p source=...); weight attacks (need "
+              "--victim-out): ep (embedding poisoning), lwp (layer-wise poisoning)"),
+          Opt("out", OUT), Opt("victim_out"), Opt("model", MODEL), Opt("max_length"), Opt("max_train"),
+          Opt("params.poison_rate", ("--poison-rate",), "share of training rows poisoned, in (0, 1]", Optional[float]),
+          Opt("params.target_label", ("--target-label",), "label the trigger forces", Optional[int]),
+          Opt("params.mode", ("--mode",), "dirty | mix | clean (clean-label)", Optional[str]),
+          Opt("params.seed", ("--seed",), "seed", Optional[int])),
+         _echo_attack),
+    Spec("train", "TrainCommand", "run_train",
+         "Fine-tune a model on a (possibly poisoned) dataset, optionally through a training-time defence "
+         "(--defense musclelora, auto, ...; -p sets its options); epochs chosen on clean dev accuracy.",
+         (Opt("data"), Opt("model", MODEL), Opt("out", OUT),
+          Opt("defense", ("--defense", "--defence")),
+          Opt("train.epochs", ("--epochs",)), Opt("train.learning_rate", ("--lr",)),
+          Opt("train.batch_size", ("--batch-size",)), Opt("train.seed", ("--seed",)), Opt("max_train"),
+          Opt("max_length"), Opt("train.checkpoint_every", ("--checkpoint-every",))),
+         _echo_train, "defense_params"),
+    Spec("purify", "PurifyCommand", "run_purify",
+         "Purify a suspect model with a small clean set (and its clean base, for methods that use it).",
+         (Opt("model", MODEL), Opt("clean"), Opt("base"), Opt("method"), Opt("out", OUT), *CLEAN_SET, *METHOD_TRAIN,
+          Opt("epur", ("--epur",), "reset E-PUR's suspicious embedding rows first (with fine-mixing, "
+              "fine-purifying, ...; needs --base)", Optional[bool]),
+          Opt("epur_params", ("--epur-param",), "E-PUR option KEY=VALUE for --epur; repeatable",
+              Optional[list[str]], _parse_params)),
+         _echo_purify),
+    Spec("unlearn", "UnlearnCommand", "run_unlearn",
+         "Unlearn identified trojaned rows (the forget set) from a suspect model, keeping a clean retain set.",
+         (Opt("model", MODEL), Opt("forget"), Opt("retain"), Opt("method"), Opt("base"), Opt("train_data"),
+          Opt("max_train"), Opt("eval_data"), Opt("out", OUT),
+          Opt("clean_set.fraction", ("--clean-fraction", "--retain-fraction"), "share of the clean train split "
+              "drawn as the retain set (default 0.01)"),
+          Opt("clean_set.size", ("--clean-size", "--retain-size"), "retain rows (instead of a fraction)"),
+          Opt("clean_set.per_class", ("--clean-per-class", "--retain-per-class"), "retain rows per label"),
+          Opt("clean_set.seed", ("--seed",), "seed of the retain-set draw"), *METHOD_TRAIN),
+         _echo_unlearn),
+    Spec("scan", "ScanCommand", "run_scan",
+         "Suspected trigger tokens (E-PUR-style scores) and the most-moved weights of a suspect vs its base.",
+         (Opt("model", MODEL), Opt("base"), Opt("clean"), Opt("top"), Opt("out", OUT),
+          Opt("params.freq_table", ("--freq-table",), "token -> count table made with the model's tokenizer",
+              Optional[str]), *CLEAN_SET),
+         _echo_scan),
+    Spec("detect", "DetectCommand", "run_detect",
+         "Score every training row's suspicion (-p sets the method's options) and write the flagged rows as a "
+         "dataset file (flagged.tsv, e.g. for unlearn --forget).",
+         (Opt("data"), Opt("clean"), Opt("method"), Opt("model", MODEL), Opt("rate"), Opt("threshold"),
+          Opt("out", OUT), *CLEAN_SET, Opt("max_train"), Opt("max_length")),
+         _echo_detect),
+    Spec("guard", "GuardCommand", "run_guard",
+         "Put an inference-time guard in front of a fixed suspect model: thresholds from clean data only "
+         "(a false-rejection budget on held-out clean rows); with --eval-data, FRR, FAR and CACC/ASR with the guard.",
+         (Opt("model", MODEL), Opt("clean"), Opt("method"), Opt("eval_data"),
+          Opt("budgets", ("--budget",), "FRR budgets reported besides the guard's own (repeatable; default 0.01 and "
+              "0.05)", Optional[list[float]]),
+          Opt("max_eval"), Opt("max_length"), Opt("out", OUT), *CLEAN_SET),
+         _echo_guard),
+    Spec("analyze frequency", "FrequencyCommand", "run_frequency",
+         "Record how fast plain fine-tuning, LoRA and MuScleLoRA fit the clean and the backdoor mapping in "
+         "low- and high-frequency bands (frequency.json, frequency.csv, frequency.png).",
+         (Opt("data"), Opt("model", MODEL), Opt("out", OUT),
+          Opt("params.methods", ("--methods",), "training defences compared, comma-separated (default "
+              "none,lora,musclelora)", Optional[str], lambda v: [m.strip() for m in v.split(",") if m.strip()]),
+          Opt("params.every", ("--every",), "record every N optimizer steps (default 5)", Optional[int]),
+          Opt("params.max_rows", ("--max-rows",), "rows per probe set (default 256)", Optional[int]),
+          Opt("params.train.epochs", ("--epochs",), "epochs (every method)", Optional[int]),
+          Opt("params.train.learning_rate", ("--lr",), "learning rate (every method)", Optional[float]),
+          Opt("params.train.batch_size", ("--batch-size",), "batch size (every method)", Optional[int]),
+          Opt("params.train.seed", ("--seed",), "training seed (every method)", Optional[int]),
+          Opt("max_train"), Opt("max_length")),
+         _echo_frequency),
+    Spec("eval", "EvalCommand", "run_eval",
+         "Evaluate a model: CACC, macro-F1 and per-class accuracy; ASR and robust accuracy on poisoned data.",
+         (Opt("model", MODEL), Opt("data"), Opt("out", OUT), Opt("max_length")),
+         _echo_eval, None),
+    Spec("demo", "DemoCommand", "run_demo",
+         "SST-2 -> BadNets 10% -> MiniLM victim -> the defences, next to the floor -> before/after table.",
+         (Opt("out", OUT), Opt("max_train"),
+          Opt("floor", ("--no-floor",), "skip the never-poisoned reference model", Optional[bool],
+              lambda v: False if v else None)),
+         _echo_demo, None),
+)
+
+
+def build_commands() -> None:
+    """Register every generated command (the bench and report commands are written out below)."""
+    for spec in SPECS:
+        register(spec)
+
+
+build_commands()
 
 
 @app.command(name="bench")
@@ -527,6 +449,7 @@ def main() -> None:
             typer.echo(f"error: {_one_line(exc.format_message())}", err=True)
             sys.exit(2)
         raise
+
 
 
 if __name__ == "__main__":  # pragma: no cover

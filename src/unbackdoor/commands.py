@@ -138,7 +138,8 @@ class TrainCommand(CommandConfig):
     data: str = Field(description="training data (clean or poisoned); poison flags are never used")
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output model folder")
-    defense: str = Field("none", description="training-time defence: none (full fine-tuning), lora, musclelora")
+    defense: str = Field("none", description="training-time defence: none (full fine-tuning), lora, musclelora, "
+                         "reweight, abl, auto")
     defense_params: dict[str, Any] = Field(default_factory=dict, description="defence options, e.g. mslr_scales, "
                                            "reference_size (unbackdoor.train_defenses.musclelora.MuscleLoraConfig)")
     train: TrainConfig | None = Field(None, description="training-loop settings; keys given override the defence's "
@@ -194,13 +195,24 @@ def metric_summary(result: EvalResult) -> dict[str, Any]:
     return {k: getattr(result, k) for k in keys if getattr(result, k) is not None}
 
 
+def load_suspect_and_base(cmd: Any, clean: Dataset, data_name: str) -> tuple[Classifier, Classifier | None]:
+    """The command's suspect (``cmd.model``) and, if given, its base (``cmd.base``, in the suspect's input
+    format), both checked against ``clean``'s labels."""
+    options = {"num_labels": clean.num_labels, "allow_pickle": cmd.allow_pickle, "precision": cmd.precision,
+               "data_name": data_name}
+    suspect = load_classifier(cmd.model, **options)
+    base = load_classifier(cmd.base, **options, max_length=suspect.max_length) if cmd.base is not None else None
+    return suspect, base
+
+
 # ----------------------------------------------------------------------------- purify
 class PurifyCommand(CommandConfig):
     model: str = Field(description="the suspect model folder")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
     base: str | None = Field(None, description="the suspect's clean pre-trained base")
-    method: str = Field("finetune", description="purify method")
+    method: str = Field("finetune", description="purify method: auto, finetune, e-pur, fine-mixing, fine-purifying, "
+                        "fine-pruning, reinit, tsbd")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     epur: bool = Field(False, description="reset E-PUR's suspicious embedding rows first (needs base)")
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR options for --epur "
@@ -215,13 +227,7 @@ def run_purify(cmd: PurifyCommand) -> dict[str, Any]:
                          before=epur_first(cmd.method, epur))  # fail before loading anything
     clean_task = load_task(cmd.clean)
     clean = draw_clean_set(clean_task, cmd.clean_set)
-    suspect = load_classifier(cmd.model, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
-                              data_name=cmd.clean)
-    base = None
-    if cmd.base is not None:
-        base = load_classifier(cmd.base, num_labels=clean.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.clean,
-                               precision=cmd.precision,
-                               max_length=suspect.max_length)
+    suspect, base = load_suspect_and_base(cmd, clean, cmd.clean)
     inputs = PurifyInputs(suspect=suspect, clean=clean, base=base)
     watch = Stopwatch()
     with atomic_output_dir(out, cmd.overwrite) as work:
@@ -246,7 +252,8 @@ class UnlearnCommand(CommandConfig):
     retain: str = Field(description="clean data the user holds (its train split is sampled, as for purify)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig, description="how the retain set is drawn from "
                                       "the clean train split (as every command's clean set)")
-    method: str = Field("lya", description="unlearn method: lya, gradient-ascent, retrain, finetune")
+    method: str = Field("lya", description="unlearn method: lya, gradient-ascent, retrain, finetune, repair "
+                        "(EXPERIMENTAL: our reconstruction, not the paper's algorithm)")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     base: str | None = Field(None, description="the suspect's clean pre-trained base (retrain)")
     train_data: str | None = Field(None, description="the training rows the suspect saw (retrain; flags are "
@@ -288,13 +295,7 @@ def run_unlearn(cmd: UnlearnCommand) -> dict[str, Any]:
     forget = load_forget_rows(cmd.forget, retain)
     train_rows = training_rows(cmd.train_data, cmd.max_train, cmd.train_seed) if cmd.train_data is not None else None
     eval_data = load_any(cmd.eval_data) if cmd.eval_data is not None else None
-    suspect = load_classifier(cmd.model, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle, precision=cmd.precision,
-                              data_name=cmd.retain)
-    base = None
-    if cmd.base is not None:
-        base = load_classifier(cmd.base, num_labels=retain.num_labels, allow_pickle=cmd.allow_pickle, data_name=cmd.retain,
-                               precision=cmd.precision,
-                               max_length=suspect.max_length)
+    suspect, base = load_suspect_and_base(cmd, retain, cmd.retain)
     inputs = UnlearnInputs(suspect=suspect, forget=forget, retain=retain, base=base, train_rows=train_rows)
     watch = Stopwatch()
     with atomic_output_dir(out, cmd.overwrite) as work:
@@ -550,7 +551,8 @@ class DemoCommand(CommandConfig):
     base: str | None = Field(None, description="base model (default: all-MiniLM-L6-v2)")
     max_train: int | None = Field(2000, ge=2, description="subsample the training split so the demo fits in minutes")
     victim: TrainConfig = Field(default_factory=victim_train_config)
-    method: str = Field("finetune", description="purify method")
+    method: str = Field("finetune", description="purify method: auto, finetune, e-pur, fine-mixing, fine-purifying, "
+                        "fine-pruning, reinit, tsbd")
     method_params: dict[str, Any] = Field(default_factory=dict)
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
     floor: bool = Field(True, description="also train a never-poisoned model (the ASR floor)")

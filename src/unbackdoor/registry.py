@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
+from unbackdoor.config import StrictConfig
 from unbackdoor.errors import ConfigError
 
 T = TypeVar("T")
+C = TypeVar("C", bound=StrictConfig)
+
+
+class Method(Generic[C]):
+    """What every registered method is (attack, defence, detector, guard): a registry ``name``, a
+    ``config_class`` (a :class:`~unbackdoor.config.StrictConfig`), and an ``__init__`` that only stores the
+    validated config (scikit-learn's rule: no work, no side effects)."""
+
+    name: ClassVar[str]
+    config_class: ClassVar[type[Any]]
+
+    def __init__(self, config: C | None = None) -> None:
+        self.config: C = config if config is not None else self.config_class()
 
 
 class Registry(Generic[T]):

@@ -131,6 +131,20 @@ def standing_out(scores: TokenScores, score: str, margin: float, z_thr: float) -
     return [int(k) for k in ranked if scores.ratio[k] >= bar], rule, bar
 
 
+def scan_tokens(suspect: Classifier, base: Classifier, clean: Dataset | None = None, *, top_k: int = 10,
+                config: EpurScoring | None = None, margin: float = 1.5) -> dict[str, Any]:
+    """The token part of :func:`scan` only (no weight or Fisher summaries): the rows that stand out,
+    the rule, and the ``top_k`` scores. What ``purify --method auto`` reads."""
+    check_same_architecture(suspect, base)
+    config = config or EpurScoring()
+    scores = score_tokens(suspect, base, clean, config)
+    score = primary_score(scores, config)
+    flagged, rule, bar = standing_out(scores, score, margin, config.z_thr)
+    ranked = scores.ranking(score)  # type: ignore[arg-type]
+    return {"standing_out": [scores.tokens[k] for k in flagged], "rule": rule, "bar": bar, "score": score,
+            "top": [{"token": scores.tokens[k], **scores.record(k, r + 1)} for r, k in enumerate(ranked[:top_k])]}
+
+
 # ----------------------------------------------------------------------------- weights
 def layer_of(name: str) -> str:
     """'layer N' for transformer blocks, 'embeddings', or the parameter's top-level module."""

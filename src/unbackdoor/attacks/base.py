@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task, TriggeredSet
 from unbackdoor.errors import ConfigError
-from unbackdoor.registry import Registry
+from unbackdoor.registry import Method, Registry
 
 
 class AttackConfig(StrictConfig):
@@ -42,14 +42,9 @@ class AttackConfig(StrictConfig):
 C = TypeVar("C", bound=AttackConfig)
 
 
-class Attack(ABC, Generic[C]):
+class Attack(Method[C], ABC):
     """A data-poisoning attack. Construction only stores the config; ``poison`` does the work."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[AttackConfig]]
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     @abstractmethod
     def poison(self, task: Task) -> PoisonedTask:

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import Field
 
@@ -26,7 +26,7 @@ from unbackdoor.attacks.base import AttackConfig
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import AttackInfo, PoisonedTask, Task
 from unbackdoor.models.loading import Classifier, load_classifier
-from unbackdoor.registry import Registry
+from unbackdoor.registry import Method, Registry
 from unbackdoor.training.config import TrainConfig, victim_train_config
 from unbackdoor.training.loop import check_trainable
 
@@ -42,15 +42,10 @@ class WeightAttackConfig(AttackConfig):
                                description="the attacker's poisoning run (keys given override the defaults)")
 
 
-class WeightAttack(ABC, Generic[C]):
+class WeightAttack(Method[C], ABC):
     """A weight-level attack: produces a victim model, not only data. Construction only stores the
     config; :meth:`poison_model` does the work."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[StrictConfig]]
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     @abstractmethod
     def poison_model(self, task: Task, model: str = "default", *, seed: int = 0, max_length: int | None = None,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from pydantic import Field, model_validator
@@ -25,7 +25,7 @@ from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier
-from unbackdoor.registry import Registry
+from unbackdoor.registry import Method, Registry
 from unbackdoor.utils.resources import Stopwatch
 
 
@@ -123,14 +123,9 @@ class Detection:
 C = TypeVar("C", bound=StrictConfig)
 
 
-class Detector(ABC, Generic[C]):
+class Detector(Method[C], ABC):
     """A poisoned-row detector. ``__init__`` only stores the validated config."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[StrictConfig]]
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     def detect(self, inputs: DetectInputs, rule: FlagRule = DEFAULT_RULE) -> Detection:
         """Score every row of ``inputs.rows`` and flag some by ``rule``."""

@@ -30,7 +30,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 from pydantic import Field
@@ -40,7 +40,7 @@ from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset, Example, require_clean_dataset
 from unbackdoor.errors import DataError
 from unbackdoor.models.loading import Classifier
-from unbackdoor.registry import Registry
+from unbackdoor.registry import Method, Registry
 from unbackdoor.utils.resources import Stopwatch
 
 logger = logging.getLogger(__name__)
@@ -217,14 +217,9 @@ class RejectingGuard(FittedGuard):
 C = TypeVar("C", bound=GuardConfig)
 
 
-class Guard(ABC, Generic[C]):
+class Guard(Method[C], ABC):
     """An inference-time guard. ``__init__`` only stores the validated config."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[GuardConfig]]
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     def fit(self, inputs: GuardInputs) -> FittedGuard:
         """Set the guard up for ``inputs.suspect`` on clean rows only (the suspect is not changed)."""

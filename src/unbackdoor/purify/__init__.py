@@ -1,10 +1,12 @@
 """Defences, each behind the contract in :mod:`unbackdoor.purify.base`, found by name.
 
 Purify defences (registry :data:`PURIFY_DEFENSES`): ``finetune``, ``reinit``, ``fine-pruning``,
-``e-pur``, ``fine-mixing``, ``fine-purifying``, ``tsbd``.
+``e-pur``, ``fine-mixing``, ``fine-purifying``, ``tsbd``, and ``auto``
+(chooses and composes them from the suspect, the base, the clean set and ``scan``'s signals).
 """
 
-from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyResult, PurifyDefense, PurifyInputs
+from unbackdoor.purify.auto import AutoPurify, AutoPurifyConfig
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyDefense, PurifyInputs, PurifyResult
 from unbackdoor.purify.epur import Epur, EpurConfig
 from unbackdoor.purify.fine_mixing import FineMixing, FineMixingConfig, mix_weights
 from unbackdoor.purify.fine_pruning import FinePruning, FinePruningConfig
@@ -15,6 +17,8 @@ from unbackdoor.purify.tsbd import Tsbd, TsbdConfig
 
 __all__ = [
     "PURIFY_DEFENSES",
+    "AutoPurify",
+    "AutoPurifyConfig",
     "CleanFinetune",
     "PurifyResult",
     "Epur",

@@ -19,16 +19,16 @@ A request is validated whole, before any model is loaded.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ConfigError
-from unbackdoor.models.loading import Classifier, check_same_architecture
-from unbackdoor.registry import Registry
+from unbackdoor.models.loading import Classifier, ModelResult, check_same_architecture
+from unbackdoor.registry import Method, Registry
 
 
 @dataclass(frozen=True)
@@ -49,26 +49,17 @@ class PurifyInputs:
             check_same_architecture(self.suspect, self.base)
 
 
-@dataclass
-class PurifyResult:
+class PurifyResult(ModelResult):
     """The purified classifier and a report of what the defence did and chose."""
-
-    model: Classifier
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 C = TypeVar("C", bound=StrictConfig)
 
 
-class PurifyDefense(ABC, Generic[C]):
+class PurifyDefense(Method[C], ABC):
     """A defence for the purify situation."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[StrictConfig]]
     needs_base: ClassVar[bool] = False
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     def purify(self, inputs: PurifyInputs, work_dir: str | Path | None = None) -> PurifyResult:
         """Purify ``inputs.suspect`` (modified in place and returned)."""

@@ -2,10 +2,11 @@
 --defense NAME``), behind the contract of :mod:`.base`.
 
 Importing this package registers every member in :data:`TRAIN_DEFENSES`: ``none`` (:mod:`.finetune`),
-``lora`` and ``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`).
+``lora`` and ``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`), ``auto`` (:mod:`.auto`).
 """
 
 from unbackdoor.train_defenses.abl import AblConfig, AblDefense
+from unbackdoor.train_defenses.auto import AutoTrain, AutoTrainConfig
 from unbackdoor.train_defenses.base import (
     TRAIN_DEFENSES,
     TrainDefense,
@@ -21,6 +22,8 @@ __all__ = [
     "TRAIN_DEFENSES",
     "AblConfig",
     "AblDefense",
+    "AutoTrain",
+    "AutoTrainConfig",
     "LoraOnly",
     "LoraOnlyConfig",
     "MuscleLora",

@@ -16,12 +16,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, TypeVar
 
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.models.loading import Classifier
-from unbackdoor.registry import Registry
+from unbackdoor.registry import Method, Registry
 from unbackdoor.training.callbacks import Callback
 from unbackdoor.training.config import TrainConfig, given_keys, victim_train_config
 from unbackdoor.training.loop import TrainResult
@@ -54,14 +54,9 @@ class TrainDefenseResult:
 C = TypeVar("C", bound=StrictConfig)
 
 
-class TrainDefense(ABC, Generic[C]):
+class TrainDefense(Method[C], ABC):
     """A defence for the train situation. ``__init__`` only stores the validated config."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[StrictConfig]]
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     def check(self, inputs: TrainInputs) -> None:
         """Raise an :class:`~unbackdoor.errors.UnbackdoorError` if ``inputs`` cannot be used (cheap)."""

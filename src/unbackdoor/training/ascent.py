@@ -14,7 +14,11 @@ eval mode, :class:`AscentMonitor` applies the stopping rules every ``eval_every`
   ascended on (``forget_holdout``), or, with ``forget_holdout=0``, the ascended rows themselves.
   Training stops at the first check where it is ≤ ``stop_forget_accuracy``.
 * (b) **clean guard**: training stops when accuracy on a held-out part of the retain set falls
-  more than ``clean_guard`` below its value at the suspect's weights; that state is not kept.
+  more than the tolerance below its value at the suspect's weights at ``guard_patience`` checks in
+  a row; such states are never kept. The tolerance is ``clean_guard``, widened under
+  ``guard_slack=binomial`` to two standard errors of that accuracy (on a 70-row slice, one error is
+  1.4 points: a 5-point guard there stopped every ascent after 1-2 steps, before EWC's penalty,
+  zero at the suspect's weights, could act; so LYA ran as plain gradient ascent).
 * (c) **budget**: ``train.epochs`` / ``train.max_steps``.
 
 Checkpoint choice: among checked states that pass (b) (the suspect itself, at step 0, included),
@@ -80,6 +84,11 @@ class AscentConfig(StrictConfig):
     clean_guard: float | None = Field(0.05, ge=0, le=1, description="stop when held-out retain accuracy falls more "
                                       "than this below the suspect's (δ); null = off")
     retain_holdout: float = Field(0.2, gt=0, lt=1, description="share of the retain set held out for the clean guard")
+    guard_slack: Literal["fixed", "binomial"] = Field(
+        "binomial", description="the clean guard's tolerance: clean_guard alone, or at least two standard errors "
+        "of the held-out accuracy (a guard on 70 rows cannot tell 5 points from noise) [OURS]")
+    guard_patience: int = Field(2, ge=1, description="stop only after this many checks in a row break the guard "
+                                "(one noisy check does not end the ascent) [OURS]")
     ascent_mode: Literal["eval", "train"] = Field("eval", description="model mode while ascending: eval (dropout "
                                                   "off, deterministic) or train")
     scope: Literal["all", "encoder"] = Field("all", description="parameters updated (and penalised): all, or the "
@@ -118,7 +127,8 @@ class AscentMonitor(Callback):
     """Applies the stopping rules (a)-(c) and keeps the state the checkpoint choice picks."""
 
     def __init__(self, clf: Classifier, monitor: Dataset, clean_val: Dataset | None, threshold: float | None,
-                 guard: float | None, every: int | None, *, epoch_end: bool = False, balanced: bool = False) -> None:
+                 guard: float | None, every: int | None, *, epoch_end: bool = False, balanced: bool = False,
+                 slack: str = "fixed", patience: int = 1) -> None:
         self.clf = clf
         self.monitor = monitor
         self.clean_val = clean_val
@@ -127,6 +137,9 @@ class AscentMonitor(Callback):
         self.every = every
         self.epoch_end = epoch_end or every is None
         self.measure = evaluate_balanced_accuracy if balanced else evaluate_accuracy
+        self.slack = slack
+        self.patience = patience
+        self._broken = 0  # checks in a row that broke the guard
         self.checks: list[Check] = []
         self.reference_clean: float | None = None
         self.chosen: Check | None = None
@@ -145,8 +158,12 @@ class AscentMonitor(Callback):
         if step == 0:
             self.reference_clean = clean_acc
         elif self._guard_broken(clean_acc):
-            self.reason = STOP_GUARD
-            return
+            self._broken += 1
+            if self._broken >= self.patience:
+                self.reason = STOP_GUARD
+            return  # a state that breaks the guard is never kept
+        else:
+            self._broken = 0
         if self.threshold is not None and forget_acc <= self.threshold:
             if step == 0:
                 logger.warning("the suspect already predicts the monitored forget rows' labels only %.1f%% of the "
@@ -157,10 +174,21 @@ class AscentMonitor(Callback):
         elif self.chosen is None or forget_acc < self.chosen.forget_accuracy:
             self._keep(current)
 
+    def tolerance(self) -> float | None:
+        """The clean guard's allowed drop: ``guard``, widened to two standard errors of the held-out
+        accuracy (binomial) under ``slack=binomial``."""
+        if self.guard is None or self.reference_clean is None or self.clean_val is None:
+            return self.guard
+        if self.slack == "fixed":
+            return self.guard
+        p, n = self.reference_clean, len(self.clean_val)
+        return max(self.guard, 2 * (p * (1 - p) / max(1, n)) ** 0.5)
+
     def _guard_broken(self, clean_acc: float | None) -> bool:
-        if self.guard is None or clean_acc is None or self.reference_clean is None:
+        tolerance = self.tolerance()
+        if tolerance is None or clean_acc is None or self.reference_clean is None:
             return False
-        return clean_acc < self.reference_clean - self.guard - 1e-12
+        return clean_acc < self.reference_clean - tolerance - 1e-12
 
     def _keep(self, check: Check) -> None:
         self.chosen = check
@@ -262,7 +290,8 @@ def run_ascent(clf: Classifier, plan: AscentPlan, cfg: AscentConfig, penalty: Ca
     """Ascend on ``plan.ascend`` (plus ``penalty``, e.g. EWC) in the training loop; stop and choose
     the checkpoint by the rules above. ``clf`` ends at the chosen state. Returns a report."""
     monitor = AscentMonitor(clf, plan.monitor, plan.clean_val, cfg.stop_forget_accuracy, cfg.clean_guard,
-                            cfg.eval_every, epoch_end=cfg.check_epoch_end, balanced=cfg.metric == "balanced")
+                            cfg.eval_every, epoch_end=cfg.check_epoch_end, balanced=cfg.metric == "balanced",
+                            slack=cfg.guard_slack, patience=cfg.guard_patience)
     callbacks: list[Callback] = [DropoutOff()] if cfg.ascent_mode == "eval" else []
     callbacks += [AscendTaskLoss(), *([penalty] if penalty is not None else []), monitor]
     with only_trainable(clf.model, scope_names(clf.model, cfg.scope)):
@@ -277,5 +306,6 @@ def run_ascent(clf: Classifier, plan: AscentPlan, cfg: AscentConfig, penalty: Ca
             "monitor": plan.monitor_kind,
             "n_clean_validation": len(plan.clean_val) if plan.clean_val is not None else 0,
             "stop_forget_accuracy": cfg.stop_forget_accuracy, "clean_guard": cfg.clean_guard,
+            "clean_guard_tolerance": monitor.tolerance(), "guard_patience": cfg.guard_patience,
             "eval_every": cfg.eval_every, "ascent_mode": cfg.ascent_mode, "scope": cfg.scope, "keep": cfg.keep,
             **report, "training": result.to_dict()}

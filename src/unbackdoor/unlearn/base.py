@@ -18,15 +18,15 @@ Every method:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from unbackdoor.config import StrictConfig, build_config
 from unbackdoor.data.types import Dataset, require_clean_dataset
 from unbackdoor.errors import ConfigError, DataError
-from unbackdoor.models.loading import Classifier, check_same_architecture
-from unbackdoor.registry import Registry
+from unbackdoor.models.loading import Classifier, ModelResult, check_same_architecture
+from unbackdoor.registry import Method, Registry
 
 
 def _require_classifier(value: object, role: str) -> None:
@@ -67,27 +67,18 @@ class UnlearnInputs:
                 raise DataError(f"the {role} and the retain set disagree on sentence pairs")
 
 
-@dataclass
-class UnlearnResult:
+class UnlearnResult(ModelResult):
     """The unlearned classifier and a report of what the method did and chose."""
-
-    model: Classifier
-    report: dict[str, Any] = field(default_factory=dict)
 
 
 C = TypeVar("C", bound=StrictConfig)
 
 
-class UnlearnMethod(ABC, Generic[C]):
+class UnlearnMethod(Method[C], ABC):
     """A method for the unlearn situation. ``__init__`` only stores the validated config."""
 
-    name: ClassVar[str]
-    config_class: ClassVar[type[StrictConfig]]
     needs_base: ClassVar[bool] = False
     needs_train_rows: ClassVar[bool] = False
-
-    def __init__(self, config: C | None = None) -> None:
-        self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
 
     def unlearn(self, inputs: UnlearnInputs, work_dir: str | Path | None = None) -> UnlearnResult:
         """Unlearn ``inputs.forget`` from ``inputs.suspect`` (modified in place and returned;

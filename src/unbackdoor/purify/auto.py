@@ -1,0 +1,83 @@
+"""``unbackdoor purify --method auto``: choose and compose purify defences from what the defender
+holds [OURS]: the suspect, its clean base (if given), the small clean set, and ``scan``'s signals.
+Never the attack's name, the poison flags or triggered data (:class:`PurifyInputs` has no place for
+them).
+
+Steps, each choice logged and recorded in the report (``unbackdoor.json``'s ``defense.choices``):
+
+1. **Scan** (:func:`unbackdoor.scan.scan` without the weight summaries): the suspect's word-embedding
+   rows against the base's, scored for their drift given their frequency in the clean set.
+2. **Embeddings first** when rows stand out (scan's rule): a trigger word whose embedding row
+   drifted far more than words in clean use is what embedding poisoning leaves, and what clean data
+   cannot reach (its row gets no gradient). Then E-PUR's reset of exactly those rows to the base runs
+   first (``before``: as ``--epur``), without fine-tuning.
+3. **The encoder**: ``encoder_method`` (default Fine-purifying: reset the dimensions whose drift is
+   abnormal for their clean curvature, then clean fine-tuning); with ``after_epur=finetune``, when
+   E-PUR ran the encoder step is plain clean fine-tuning instead.
+4. Without a base: clean fine-tuning (the only method that needs nothing else).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyDefense, PurifyInputs, PurifyResult, build_purify_defense
+
+logger = logging.getLogger(__name__)
+
+
+class AutoPurifyConfig(StrictConfig):
+    """Options of ``auto`` (all [OURS]; defaults chosen on the development grid, ``docs/results/auto.md``)."""
+
+    encoder_method: str = Field("fine-purifying", description="the encoder-level defence after the embedding step")
+    encoder_params: dict[str, Any] = Field(default_factory=dict, description="its options")
+    after_epur: Literal["encoder_method", "finetune"] = Field(
+        "encoder_method", description="when E-PUR ran: the encoder method as well, or plain clean fine-tuning")
+    epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR's options for the embedding step")
+    margin: float = Field(1.5, gt=1, description="scan's rule: a row stands out at this multiple of the best score "
+                          "among tokens in clean use")
+
+
+@PURIFY_DEFENSES.register("auto")
+class AutoPurify(PurifyDefense[AutoPurifyConfig]):
+    """Scan first; reset standing-out embedding rows (E-PUR) if any; then the encoder-level method."""
+
+    name = "auto"
+    config_class = AutoPurifyConfig
+
+    def _purify(self, inputs: PurifyInputs, work_dir: Path | None) -> PurifyResult:
+        cfg = self.config
+        if inputs.base is None:  # step 4
+            choices = {"base": False, "steps": ["finetune"], "why": "no base: clean fine-tuning only"}
+            return self._run("finetune", {}, [], inputs, work_dir, choices)
+        signals = embedding_signals(inputs, cfg.margin)  # step 1
+        n_out = len(signals["standing_out"])  # step 2: reset exactly the rows that stand out (unless told how many)
+        before = [("e-pur", {"n_reset": n_out, **cfg.epur_params, "finetune": False})] if n_out else []
+        method, params = cfg.encoder_method, cfg.encoder_params  # step 3
+        if before and cfg.after_epur == "finetune":
+            method, params = "finetune", {}
+        choices = {"base": True, "scan": signals, "steps": [*(n for n, _ in before), method],
+                   "why": ("embedding rows stand out: E-PUR first" if before else "no embedding row stands out")
+                   + f"; then {method}"}
+        return self._run(method, params, before, inputs, work_dir, choices)
+
+    def _run(self, method: str, params: dict[str, Any], before: list[tuple[str, dict[str, Any]]],
+             inputs: PurifyInputs, work_dir: Path | None, choices: dict[str, Any]) -> PurifyResult:
+        logger.info("purify auto: %s", choices["why"])
+        plan = build_purify_defense(method, params, have_base=inputs.base is not None, before=before)
+        result = plan.run(inputs, work_dir)
+        result.report = {"method": self.name, "choices": choices, "steps": result.report}
+        return result
+
+
+def embedding_signals(inputs: PurifyInputs, margin: float) -> dict[str, Any]:
+    """Scan's token signals: the rows that stand out, the rule, the top few scores (no weights summary)."""
+    from unbackdoor.scan import scan_tokens
+
+    assert inputs.base is not None
+    return scan_tokens(inputs.suspect, inputs.base, inputs.clean, margin=margin)

@@ -1,0 +1,99 @@
+"""``auto``: the purify and train-time defences that choose from what the defender holds, never the
+attack (its name, the flags, triggered rows), and record their choices."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+
+from unbackdoor.evaluate import evaluate_classifier
+from unbackdoor.models import load_classifier
+from unbackdoor.purify import PURIFY_DEFENSES, PurifyInputs
+from unbackdoor.purify.auto import AutoPurify, AutoPurifyConfig
+from unbackdoor.train_defenses import TRAIN_DEFENSES, TrainInputs
+from unbackdoor.train_defenses.auto import AutoTrain, AutoTrainConfig, gap_cut
+
+FORBIDDEN = {"flags", "poison_flags", "trigger", "target", "target_label", "triggered", "poisoned", "attack"}
+FAST = {"epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "progress": False}
+
+
+def test_auto_is_registered_and_its_api_has_no_slot_for_the_attack() -> None:
+    assert "auto" in PURIFY_DEFENSES and "auto" in TRAIN_DEFENSES
+    for cls, config in ((AutoPurify, AutoPurifyConfig), (AutoTrain, AutoTrainConfig)):
+        assert not set(config.model_fields) & FORBIDDEN
+        assert not {f.name for f in dataclasses.fields(PurifyInputs)} & FORBIDDEN
+        assert not {f.name for f in dataclasses.fields(TrainInputs)} & FORBIDDEN
+        for method in ("purify", "fit"):
+            if hasattr(cls, method):
+                assert not set(inspect.signature(getattr(cls, method)).parameters) & FORBIDDEN
+
+
+def test_purify_auto_resets_standing_out_embeddings_first_and_removes_the_backdoor(planted) -> None:  # noqa: ANN001
+    victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
+    before = evaluate_classifier(victim, planted.task.test, planted.poisoned.triggered_test)
+    config = AutoPurifyConfig(encoder_params={"train": {**FAST, "epochs": 5}})
+    result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=planted.clean, base=base))
+    choices = result.report["choices"]
+    assert set(choices["scan"]["standing_out"]) & {"cf", "mn", "bb", "tq"}  # the trigger rows drifted
+    assert choices["steps"] == ["e-pur", "fine-purifying"]
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert before.asr >= 0.8 and after.asr <= 0.2, (before.asr, after.asr)
+    assert after.cacc >= before.cacc - 0.05
+
+
+def test_purify_auto_without_a_base_falls_back_to_clean_finetuning(planted) -> None:  # noqa: ANN001
+    config = AutoPurifyConfig()
+    result = AutoPurify(config).purify(PurifyInputs(suspect=load_classifier(planted.victim_dir), clean=planted.clean))
+    assert result.report["choices"]["steps"] == ["finetune"] and result.report["choices"]["base"] is False
+
+
+def test_gap_cut_finds_the_separate_group_and_keeps_almost_everything_without_one() -> None:
+    scores = torch.tensor([-0.01] * 10 + [-0.5] * 80 + [-0.6] * 10)
+    assert gap_cut(scores, 0.01, 0.35)[0] == 10  # the group's edge
+    assert gap_cut(scores, 0.01, 0.05)[0] == 1  # its edge lies beyond max_drop: no group inside, min_drop
+    smooth = -torch.linspace(0, 1, 100)  # no separate group at all
+    assert gap_cut(smooth, 0.01, 0.35)[0] == 1
+
+
+@pytest.fixture(scope="module")
+def sentiment_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BERT that knows the synthetic sentiment task (never saw a trigger): the clean base."""
+    from synthetic import make_task, save_tiny_model
+
+    from unbackdoor.models import provenance_record, save_classifier
+    from unbackdoor.training import TrainConfig, train_classifier
+
+    root = tmp_path_factory.mktemp("auto-base")
+    encoder = load_classifier(save_tiny_model(root / "random", "bert", seed=0))
+    train_classifier(encoder, make_task(400, 50, 10, seed=7).train, TrainConfig(**{**FAST, "seed": 1}))
+    save_classifier(encoder, root / "base", provenance_record(encoder, role="model"))
+    return root / "base"
+
+
+def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(planted, sentiment_base) -> None:  # noqa: ANN001
+    """CUBE's minority clusters form the separate group on the tiny task: the cut falls at its edge
+    (most poisoned rows dropped, few clean ones), and the model retrained on the rest is clean."""
+    train = {**FAST, "epochs": 10, "seed": 1}
+    config = AutoTrainConfig(detector="cube", detector_params={"train": {**FAST, "epochs": 2}}, train=train)
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    dropped = set(result.report["dropped_ids"])
+    poisoned = planted.poisoned.flags.poisoned_ids
+    assert len(dropped & poisoned) >= 0.8 * len(poisoned) and len(dropped) <= 1.5 * len(poisoned), len(dropped)
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.2 and after.cacc >= 0.9, after
+    assert result.report["choices"]["drop_rule"] == "gap" and result.report["n_trained"] == 400 - len(dropped)
+
+
+@pytest.mark.parametrize(("params", "message"), [({"detector": "nope"}, "unknown detector 'nope'"),
+                                               ({"detector_params": {"bogus": 1}}, "bogus: unknown key"),
+                                               ({"drop": "all"}, "drop"), ({"max_drop": 1.5}, "max_drop")])
+def test_bad_auto_options_fail_before_any_work(params: dict, message: str) -> None:
+    from unbackdoor.errors import ConfigError
+    from unbackdoor.train_defenses import build_train_defense
+
+    with pytest.raises(ConfigError, match=message):
+        build_train_defense("auto", params)
