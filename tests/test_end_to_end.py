@@ -47,3 +47,25 @@ def test_badnets_takes_and_clean_finetuning_lowers_it(tiny_bert: Path) -> None:
     # 2 victims x 3 clean sets it must still remove a clear part of the backdoor.
     assert asr_after <= asr_before - 0.3, (asr_before, [r.asr for r in after])
     assert np.mean([r.cacc for r in after]) >= 0.9
+
+
+def test_demo_runs_end_to_end_on_a_tiny_model(tiny_bert: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """``unbackdoor demo`` on a tiny task: the victim, scan's top tokens (the trigger words among them),
+    plain fine-tuning, purify auto, train auto and the floor, written as one finished folder."""
+    import json
+
+    from synthetic import run_cli, write_task
+
+    data = write_task(make_task(400, 100, 200), tmp_path / "data")
+    config = tmp_path / "demo.yaml"
+    config.write_text(f"data: {data}\nbase: {tiny_bert}\nmax_train: 400\nout: {tmp_path / 'demo'}\n"
+                      "victim: {epochs: 10, batch_size: 16, learning_rate: 1.0e-3}\nclean_set: {size: 100}\n",
+                      encoding="utf-8")
+    code, out, err = run_cli(["demo", "--config", str(config)], capsys)
+    assert code == 0, err
+    record = json.loads((tmp_path / "demo" / "results.json").read_text(encoding="utf-8"))
+    assert set(record["results"]) == {"victim (badnets)", "purify finetune (100 clean rows)",
+                                      "purify auto (100 clean rows)", "train --defense auto (poisoned rows)"}
+    assert {t["token"] for t in record["scan"]["top"][:4]} & {"cf", "mn", "bb", "tq"}
+    assert record["results"]["victim (badnets)"]["asr"] >= 0.8 and record["floor"]["asr"] <= 0.2
+    assert "stands out" in out and "| never-poisoned floor |" in out

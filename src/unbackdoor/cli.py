@@ -267,8 +267,13 @@ def _echo_eval(result: Any, cmd: Any) -> None:
 
 
 def _echo_demo(record: Any, cmd: Any) -> None:
+    from unbackdoor.commands import scan_lines
+
     for note in record["notes"]:
         typer.echo(f"note: {note}")
+    typer.echo(f"scan of the victim against its base (trigger planted: {record['trigger']}):")
+    for line in scan_lines(record["scan"]):
+        typer.echo(f"  {line}")
     typer.echo(record["table"], nl=False)
     typer.echo(f"total {record['timings']['total_s']:.0f} s; results in {cmd.out}")
 
@@ -365,7 +370,8 @@ SPECS = (
          (Opt("model", MODEL), Opt("data"), Opt("out", OUT), Opt("max_length")),
          _echo_eval, None),
     Spec("demo", "DemoCommand", "run_demo",
-         "SST-2 -> BadNets 10% -> MiniLM victim -> the defences, next to the floor -> before/after table.",
+         "SST-2 -> BadNets 10% -> MiniLM victim -> scan -> plain fine-tuning and auto (purify, and training "
+         "through the poison) -> the table next to the never-poisoned floor.",
          (Opt("out", OUT), Opt("max_train"),
           Opt("floor", ("--no-floor",), "skip the never-poisoned reference model", Optional[bool],
               lambda v: False if v else None)),

@@ -551,51 +551,66 @@ class DemoCommand(CommandConfig):
     base: str | None = Field(None, description="base model (default: all-MiniLM-L6-v2)")
     max_train: int | None = Field(2000, ge=2, description="subsample the training split so the demo fits in minutes")
     victim: TrainConfig = Field(default_factory=victim_train_config)
-    method: str = Field("finetune", description="purify method: auto, finetune, e-pur, fine-mixing, fine-purifying, "
-                        "fine-pruning, reinit, tsbd")
-    method_params: dict[str, Any] = Field(default_factory=dict)
+    purify_methods: tuple[str, ...] = Field(("finetune", "auto"), description="purify methods run on the victim "
+                                            "(the baseline first)")
+    train_defenses: tuple[str, ...] = Field(("auto",), description="train-time defences run on the poisoned rows")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
+    top_tokens: int = Field(8, ge=1, description="scan's suspected trigger tokens shown")
     floor: bool = Field(True, description="also train a never-poisoned model (the ASR floor)")
     out: str = Field("runs/demo", description="output folder")
     overwrite: bool = Field(True, description="replace an earlier demo output")
 
 
 def run_demo(cmd: DemoCommand) -> dict[str, Any]:
-    """Run the demo; return its record (table, metrics, timings)."""
+    """The demo: poison, train the victim, scan it against its base, purify it (plain fine-tuning and
+    ``auto``), train through the poison (``auto``), next to the never-poisoned floor; the table, the
+    scan's top tokens and every record into ``out``."""
+    from unbackdoor.scan import scan_tokens
+
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.base])
+    for method in cmd.purify_methods:
+        build_purify_defense(method, {}, have_base=True)
+    for defense in cmd.train_defenses:
+        build_train_defense(defense, {})
     watch = Stopwatch()
     full = load_task(cmd.data)
     task = subsample_task(full, cmd.max_train, cmd.victim.seed)
-    notes = []
-    if len(task.train) < len(full.train):
-        notes.append(f"training split subsampled to {len(task.train)} of {len(full.train)} rows (seeded) to fit the time budget")
+    notes = [f"training split subsampled to {len(task.train)} of {len(full.train)} rows (seeded) to fit the time "
+             "budget"] if len(task.train) < len(full.train) else []
     poisoned = attack_task(task, cmd.attack, cmd.attack_params)
     clean = draw_clean_set(full, cmd.clean_set)
     timings: dict[str, float] = {}
     results: list[tuple[str, EvalResult]] = []
+    reports: dict[str, Any] = {}
     with atomic_output_dir(out, cmd.overwrite) as work:
         step = Stopwatch()
         victim, victim_train = fit(cmd.base, poisoned.train, task.dev, cmd.victim, work_dir=work / "_work_victim",
                                    precision=cmd.precision)
         timings["victim_training_s"] = step.elapsed()
-        before = evaluate_on(victim, poisoned, "victim")
-        results.append((f"victim ({cmd.attack})", before))
+        results.append((f"victim ({cmd.attack})", evaluate_on(victim, poisoned, "victim")))
         save_classifier(victim, work / "victim", provenance_record(
-            victim, title="demo victim", role="victim", base=cmd.base or "all-MiniLM-L6-v2",
-            data=cmd.data, attack=poisoned.attack.params, seed=cmd.victim.seed, metrics=before.to_dict()))
-
+            victim, title="demo victim", role="victim", base=cmd.base or "all-MiniLM-L6-v2", data=cmd.data,
+            attack=poisoned.attack.params, seed=cmd.victim.seed, metrics=results[0][1].to_dict()))
+        base = load_classifier(cmd.base, num_labels=task.num_labels, seed=cmd.victim.seed, precision=cmd.precision,
+                               max_length=victim.max_length)
         step = Stopwatch()
-        base = (load_classifier(cmd.base, num_labels=task.num_labels, seed=cmd.victim.seed, precision=cmd.precision)
-                if cmd.method != "finetune" else None)
-        inputs = PurifyInputs(suspect=copy.deepcopy(victim), clean=clean, base=base)
-        defended = purify(cmd.method, cmd.method_params, inputs, work_dir=work / "_work_defense")
-        timings["defense_s"] = step.elapsed()
-        after = evaluate_on(defended.model, poisoned, "defended")
-        results.append((f"after {cmd.method} ({len(clean)} clean rows)", after))
-        save_classifier(defended.model, work / "defended", provenance_record(
-            defended.model, title=f"demo victim purified with {cmd.method}", role="purified",
-            defense=defended.report, seed=cmd.clean_set.seed, metrics=after.to_dict()))
-
+        scanned = scan_tokens(victim, base, clean, top_k=cmd.top_tokens)
+        timings["scan_s"] = step.elapsed()
+        for method in cmd.purify_methods:
+            step = Stopwatch()
+            inputs = PurifyInputs(suspect=copy.deepcopy(victim), clean=clean, base=copy.deepcopy(base))
+            defended = purify(method, {}, inputs, work_dir=work / f"_work_purify_{method}")
+            timings[f"purify_{method}_s"] = step.elapsed()
+            reports[f"purify {method}"] = defended.report
+            results.append((f"purify {method} ({len(clean)} clean rows)", evaluate_on(defended.model, poisoned, method)))
+        for defense in cmd.train_defenses:
+            step = Stopwatch()
+            clf = load_for_training(cmd.base, poisoned.train, TrainConfig(seed=cmd.victim.seed), precision=cmd.precision)
+            trained = build_train_defense(defense, {}).fit(TrainInputs(clf, poisoned.train, task.dev),
+                                                           work_dir=work / f"_work_train_{defense}")
+            timings[f"train_{defense}_s"] = step.elapsed()
+            reports[f"train {defense}"] = trained.report
+            results.append((f"train --defense {defense} (poisoned rows)", evaluate_on(trained.model, poisoned, defense)))
         floor = None
         if cmd.floor:
             step = Stopwatch()
@@ -603,7 +618,6 @@ def run_demo(cmd: DemoCommand) -> dict[str, Any]:
                                  precision=cmd.precision)
             timings["floor_training_s"] = step.elapsed()
             floor = evaluate_on(clean_model, poisoned, "never-poisoned")
-        table = markdown_table(results, floor)
         for tmp in work.glob("_work_*"):
             shutil.rmtree(tmp, ignore_errors=True)
         record = {
@@ -611,18 +625,27 @@ def run_demo(cmd: DemoCommand) -> dict[str, Any]:
             "notes": notes,
             "n_train": len(task.train),
             "n_poisoned": poisoned.flags.n_poisoned,
+            "trigger": poisoned.attack.trigger,
             "n_clean_set": len(clean),
+            "scan": scanned,
             "results": {label: r.to_dict() for label, r in results},
             "floor": floor.to_dict() if floor else None,
             "victim_training": victim_train.to_dict(),
-            "defense": defended.report,
+            "defenses": reports,
             "timings": {**timings, "total_s": watch.elapsed()},
             "peak_memory_mb": peak_memory_mb(),
-            "table": table,
+            "table": markdown_table(results, floor),
         }
         write_json(work / "results.json", record)
         (work / "results.md").write_text(_report(record), encoding="utf-8")
     return record
+
+
+def scan_lines(scanned: dict[str, Any]) -> list[str]:
+    """Scan's top tokens, one line each, the ones that stand out marked."""
+    out = set(scanned["standing_out"])
+    return [f"{row['rank']:>3}. {row['token']}{'  <- stands out' if row['token'] in out else ''}"
+            for row in scanned["top"]]
 
 
 def _report(record: dict[str, Any]) -> str:
@@ -630,11 +653,17 @@ def _report(record: dict[str, Any]) -> str:
     lines = [
         "# unbackdoor demo",
         "",
-        f"Data `{cfg['data']}`, attack `{cfg['attack']}` {cfg['attack_params']}, "
-        f"{record['n_poisoned']} of {record['n_train']} training rows poisoned; "
-        f"defence `{cfg['method']}` with {record['n_clean_set']} clean rows.",
+        f"Data `{cfg['data']}`, attack `{cfg['attack']}` {cfg['attack_params']} (trigger: {record['trigger']}), "
+        f"{record['n_poisoned']} of {record['n_train']} training rows poisoned; {record['n_clean_set']} clean rows "
+        "for the purify defences.",
         "",
         *[f"- {n}" for n in record["notes"]],
+        "",
+        f"`unbackdoor scan` of the victim against its base ({record['scan']['rule']}):",
+        "",
+        "```",
+        *scan_lines(record["scan"]),
+        "```",
         "",
         record["table"],
         f"Total wall time {record['timings']['total_s']:.0f} s, peak memory {record['peak_memory_mb']:.0f} MB.",
