@@ -78,7 +78,7 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     """CUBE's minority clusters form the separate group on the tiny task: the cut falls at its edge
     (most poisoned rows dropped, few clean ones), and the model retrained on the rest is clean."""
     train = {**FAST, "epochs": 10, "seed": 1}
-    config = AutoTrainConfig(detector="cube", detector_params={"train": {**FAST, "epochs": 2}}, train=train)
+    config = AutoTrainConfig(detectors=["cube"], detector_params={"cube": {"train": {**FAST, "epochs": 2}}}, train=train)
     result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
     dropped = set(result.report["dropped_ids"])
     poisoned = planted.poisoned.flags.poisoned_ids
@@ -88,8 +88,26 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     assert result.report["choices"]["drop_rule"] == "gap" and result.report["n_trained"] == 400 - len(dropped)
 
 
-@pytest.mark.parametrize(("params", "message"), [({"detector": "nope"}, "unknown detector 'nope'"),
-                                               ({"detector_params": {"bogus": 1}}, "bogus: unknown key"),
+def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) -> None:  # noqa: ANN001
+    """The default composition: Z-defence's word statistics drop the BadNets rows, then isolation scores
+    only the rows left; the model retrained on the rest is clean."""
+    train = {**FAST, "epochs": 10, "seed": 1}
+    config = AutoTrainConfig(detector_params={"isolation": {"train": {**FAST, "epochs": 2}}}, train=train)
+    assert config.detectors == ["zscore", "isolation"]
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    first, second = result.report["choices"]["steps"]
+    poisoned = planted.poisoned.flags.poisoned_ids
+    by_zscore = set(result.report["dropped_ids"][:first["n_dropped"]])
+    assert first["detector"] == "zscore" and len(by_zscore & poisoned) >= 0.6 * len(poisoned), first
+    assert second["detector"] == "isolation" and second["rows_scored"] == 400 - first["n_dropped"]
+    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"]
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.2 and after.cacc >= 0.9, after
+
+
+@pytest.mark.parametrize(("params", "message"), [({"detectors": ["nope"]}, "unknown detector 'nope'"),
+                                               ({"detector_params": {"zscore": {"bogus": 1}}}, "bogus: unknown key"),
+                                               ({"detector_params": {"cube": {}}}, "which detectors does not list"),
                                                ({"drop": "all"}, "drop"), ({"max_drop": 1.5}, "max_drop")])
 def test_bad_auto_options_fail_before_any_work(params: dict, message: str) -> None:
     from unbackdoor.errors import ConfigError

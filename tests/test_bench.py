@@ -95,6 +95,31 @@ def test_an_attack_pairs_only_with_the_dataset_it_names(tmp_path: Path, inputs: 
         load_bench_config(twice)
 
 
+def test_capped_eval_splits_are_written_once_and_read_by_every_cell(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """max_dev/max_test write the capped task into the run dir (the same rows whatever the seed), the
+    cells read it, a rerun reuses it, other caps on the same run dir are refused, and a published
+    variant cannot share a capped dataset (its own test rows would not be capped)."""
+    from unbackdoor.data import load_task
+
+    full = load_task(str(inputs[0]))
+    datasets = [{"name": "syn", "data": str(inputs[0]), "max_dev": 10, "max_test": 12}]
+    config = write_grid(tmp_path / "grid.yaml", *inputs, defenses=[], seeds=[0, 1], datasets=datasets)
+    run, store = prepare(config, tmp_path / "run")
+    capped = load_task(str(run / "data" / "syn"))
+    assert (len(capped.dev), len(capped.test), len(capped.train)) == (10, 12, len(full.train))
+    assert {e.id for e in capped.test} <= {e.id for e in full.test}
+    assert sorted(collections.Counter(e.label for e in capped.test).values()) == [6, 6]  # stratified
+    assert {c["config"]["dataset"]["spec"] for c in store.cells()} == {str(run / "data" / "syn")}
+    prepare(config, tmp_path / "run")  # reopened: the folder is reused
+    other = write_grid(tmp_path / "other.yaml", *inputs, defenses=[], datasets=[{**datasets[0], "max_test": 8}])
+    with pytest.raises(ConfigError, match="capped otherwise"):
+        prepare(other, tmp_path / "run")
+    variant = write_grid(tmp_path / "variant.yaml", *inputs, defenses=[], datasets=datasets,
+                         attacks=[{"name": "pub", "variant": "some_p10"}])
+    with pytest.raises(ConfigError, match="published variant"):
+        load_bench_config(variant)
+
+
 def test_cli_bench_ends_with_the_summary_table(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
     config = write_grid(tmp_path / "grid.yaml", *inputs, defenses=[])
     code, out, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run")], capsys)

@@ -26,10 +26,18 @@ class DatasetSpec(StrictConfig):
 
     name: str = Field(pattern=LABEL, description="label in tables and folder names")
     data: str | None = Field(None, description="clean data spec (default: name)")
+    max_dev: int | None = Field(None, ge=2, description="cap the dev split (seeded, stratified, the same rows in "
+                                "every cell); the capped task is written once into RUN_DIR/data/NAME")
+    max_test: int | None = Field(None, ge=2, description="cap the test split, hence the CACC rows and the triggered "
+                                 "rows of generated attacks, as max_dev")
 
     @property
     def spec(self) -> str:
         return self.data or self.name
+
+    @property
+    def capped(self) -> bool:
+        return self.max_dev is not None or self.max_test is not None
 
 
 class AttackSpec(StrictConfig):
@@ -134,6 +142,12 @@ class BenchConfig(StrictConfig):
             if dupes:
                 raise ValueError(f"{what} listed twice: {', '.join(dupes)}")
         names = {d.name for d in self.datasets}
+        for d in self.datasets:
+            published = [a.name for a in self.attacks if a.variant is not None and a.applies_to(d)]
+            if d.capped and published:
+                raise ValueError(f"dataset {d.name}: max_dev/max_test cap generated attacks' sets only, and the "
+                                 f"published variant(s) {', '.join(published)} carry their own test rows; give "
+                                 "those attacks another dataset entry without the caps")
         strays = sorted({a.dataset for a in self.attacks if a.dataset is not None} - names)
         if strays:
             raise ValueError(f"attack dataset {', '.join(strays)} is not among the datasets ({', '.join(sorted(names))})")

@@ -45,7 +45,9 @@ from unbackdoor.bench.config import (
 )
 from unbackdoor.bench.store import CellSpec, Claimed, Store, export_json
 from unbackdoor.errors import ConfigError, UnbackdoorError
-from unbackdoor.outputs import write_json
+from unbackdoor.data.io import load_task, read_meta, write_clean_task
+from unbackdoor.data.sampling import EVAL_CAP_SEED, cap_eval_splits
+from unbackdoor.outputs import atomic_output_dir, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -76,12 +78,14 @@ def _attack_config(dataset: DatasetSpec, attack: AttackSpec) -> dict[str, Any]:
     return out
 
 
-def expand(config: BenchConfig) -> list[CellSpec]:
-    """Every cell of the grid, in run order (seed by seed, so an interrupted grid covers every attack)."""
+def expand(config: BenchConfig, specs: dict[str, str] | None = None) -> list[CellSpec]:
+    """Every cell of the grid, in run order (seed by seed, so an interrupted grid covers every attack).
+    ``specs`` maps a dataset name to the data spec its cells read (default: the dataset's own)."""
+    specs = specs or {}
     cells: list[CellSpec] = []
     for seed in config.seeds:
         for ds in config.datasets:
-            common = _common(config, ds.name, ds.spec, seed)
+            common = _common(config, ds.name, specs.get(ds.name, ds.spec), seed)
             floor_model = floor_model_id(ds.name, seed)
             cells.append(CellSpec(floor_model, "floor-model", ds.name, "", "floor-model", seed, common))
             for attack in config.attacks:
@@ -447,7 +451,7 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
         raise ConfigError(f"--seed {', '.join(map(str, unknown))}: not among the config's seeds "
                           f"({', '.join(map(str, config.seeds))})")
     run = resolve_run_dir(config, run_dir)
-    cells = expand(config)
+    cells = expand(config, capped_datasets(config, run))
     store = Store(run)
     changed = store.add_cells(cells)
     if changed:
@@ -463,6 +467,26 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if lost:
         logger.warning("%d finished cells whose model folder is gone are run again: %s", len(lost), ", ".join(lost))
     return run, store
+
+
+def capped_datasets(config: BenchConfig, run: Path) -> dict[str, str]:
+    """Write each dataset with ``max_dev``/``max_test`` once into ``RUN_DIR/data/NAME`` (through a work
+    dir renamed when complete); its spec for the cells, by dataset name."""
+    specs: dict[str, str] = {}
+    for ds in config.datasets:
+        if not ds.capped:
+            continue
+        folder = run / "data" / ds.name
+        meta = {"source": ds.spec, "max_dev": ds.max_dev, "max_test": ds.max_test, "seed": EVAL_CAP_SEED}
+        if not (folder / "meta.json").exists():
+            task = cap_eval_splits(load_task(ds.spec), ds.max_dev, ds.max_test)
+            with atomic_output_dir(folder) as work:
+                write_clean_task(task, work, meta)
+        elif {k: read_meta(folder).get(k) for k in meta} != meta:
+            raise ConfigError(f"{folder}: holds dataset {ds.name} capped otherwise ({read_meta(folder)}); "
+                              "use another --run-dir")
+        specs[ds.name] = str(folder)
+    return specs
 
 
 def resolve_run_dir(config: BenchConfig, run_dir: str | Path | None) -> Path:

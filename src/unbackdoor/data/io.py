@@ -467,6 +467,21 @@ def read_rows_file(path: str | Path, num_labels: int, label_names: tuple[str, ..
     return Dataset(tuple(examples), num_labels, name or str(path), label_names)
 
 
+def write_clean_task(task: Task, folder: Path, meta: dict[str, Any]) -> None:
+    """Write a clean task in the data root's clean layout (train, dev, test + ``meta.json``): TSV, or
+    JSONL when some text is multi-line (code)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {"train": task.train, "dev": task.dev, "test": task.test}
+    multi_line = any(ch in t for d in splits.values() for e in d.examples for t in (e.text, e.text_pair or "")
+                     for ch in "\n\t\r")
+    write, ext = (_write_jsonl, ".jsonl") if multi_line else (_write_tsv, ".tsv")
+    for split, data in splits.items():
+        write(folder / f"{split}{ext}", data.examples, pair=task.is_pair)
+    names = list(task.train.label_names) if task.train.label_names else None
+    (folder / "meta.json").write_text(json.dumps({"kind": "clean", "label_names": names, **meta}, indent=2) + "\n",
+                                      encoding="utf-8")
+
+
 def _needs_jsonl(task: PoisonedTask) -> bool:
     """Whether some text holds a newline, tab or carriage return, which TSV would collapse."""
     sets = [task.train.examples, task.triggered_test.examples,

@@ -158,6 +158,20 @@ def subsample_task(task: Task, max_train: int | None, seed: int) -> Task:
     return dataclasses.replace(task, train=train)
 
 
+EVAL_CAP_SEED = 0  # fixed: every run of a grid evaluates the same capped dev and test rows
+
+
+def cap_eval_splits(task: Task, max_dev: int | None, max_test: int | None) -> Task:
+    """The task with dev and test cut to seeded, stratified subsets of at most ``max_dev`` and
+    ``max_test`` rows (a large test split, e.g. AG News' 7,600, costs a grid more than its training).
+    The seed is fixed, not the run's, so every cell evaluates the same rows."""
+    splits = {"dev": (task.dev, max_dev), "test": (task.test, max_test)}
+    cut = {split: data if cap is None or cap >= len(data) else
+           sample_subset(data, size=cap, seed=EVAL_CAP_SEED, name=f"{data.name}[{cap} rows]")
+           for split, (data, cap) in splits.items()}
+    return dataclasses.replace(task, dev=cut["dev"], test=cut["test"])
+
+
 def subsample_poisoned(task: PoisonedTask, max_train: int | None, seed: int) -> PoisonedTask:
     """A poisoned task with its training rows cut to ``max_train`` (flags follow the rows by id)."""
     if max_train is None or max_train >= len(task.train):

@@ -9,11 +9,12 @@ train-time defences built on these detectors live in :mod:`unbackdoor.train_defe
 * the field's filters, each on a copy of the encoder fine-tuned on the rows (:mod:`.finetuned`):
   :mod:`.bki` (Backdoor Keyword Identification), :mod:`.cube` (CUBE: minority clusters of a label),
   :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
+* :mod:`.zscore`: Z-defence's lexical filter (features whose label share is an extreme outlier; no model);
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
 * :mod:`.output`: the ``detect`` command's files (the command: :func:`unbackdoor.commands.run_detect`).
 
-Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube`` and ``isolation``
-detectors.
+Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube``, ``isolation`` and
+``zscore`` detectors.
 """
 
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
@@ -24,6 +25,7 @@ from unbackdoor.detect.isolation import IsolationConfig, IsolationDetector, Loca
 from unbackdoor.detect.loss import LossConfig, LossDetector
 from unbackdoor.detect.metrics import auroc, detection_metrics, scores_file_metrics
 from unbackdoor.detect.reweight import ReweightConfig, ReweightDetector, build_levels, learn_weights
+from unbackdoor.detect.zscore import ZScoreConfig, ZScoreDetector
 
 __all__ = [
     "BkiConfig",
@@ -54,4 +56,6 @@ __all__ = [
     "scores_file_metrics",
     "sentence_features",
     "standardise",
+    "ZScoreConfig",
+    "ZScoreDetector",
 ]

@@ -4,19 +4,21 @@ base without them [OURS].
 What the defender has here: the training rows (no flags), the clean pre-trained base and a clean dev
 set. Nothing about the attack. Steps:
 
-1. **Score** every training row with a registered detector on a copy of the base (default
-   ``isolation``: ABL's early-loss isolation, where the rows a trigger makes easy to fit keep
-   falling below γ while clean rows are held near it; :mod:`unbackdoor.detect.isolation`).
-2. **Choose the rows to drop** from the scores alone (``drop``):
+1. **Score** every training row with each registered detector of ``detectors`` in turn, on the rows
+   the earlier detectors left (default: ``zscore``, Z-defence's lexical filter, which finds word and
+   sentence triggers from label statistics alone, then ``isolation``, ABL's early-loss isolation on a
+   copy of the base, for triggers no word count sees: the rows a trigger makes easy to fit keep
+   falling below γ while clean rows are held near it; :mod:`unbackdoor.detect`).
+2. **Choose the rows to drop** after each detector, from its scores alone (``drop``):
    ``gap`` [OURS]: among the ``max_drop`` most suspicious rows, cut where the sorted scores jump
    most, if the jump is large for these scores (a separate group: a trigger easier to fit than the
    task gives one, and the cut falls at its edge), else drop only ``min_drop``; ``rate``: the
    ``rate`` most suspicious rows. Every choice is logged.
 3. **Retrain** the base on the remaining rows with the victim recipe, the epoch chosen on clean dev
-   accuracy (the rows the detector trained on are never used for selection).
+   accuracy (the rows the detectors trained on are never used for selection).
 
-The report (``unbackdoor.json``'s ``defense``) records the detector's report, the drop rule, the
-score at the cut, how many rows were dropped and which.
+The report (``unbackdoor.json``'s ``defense``) records each detector's report, the drop rule, the
+score at each cut, how many rows were dropped and which.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 from pydantic import Field, model_validator
 
 from unbackdoor.config import StrictConfig
-from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector
+from unbackdoor.data.types import Dataset
+from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector, suspicion_order
 from unbackdoor.models.loading import Classifier
 from unbackdoor.models.surgery import restore_state, snapshot_state
 from unbackdoor.train_defenses.base import TRAIN_DEFENSES, TrainDefense, TrainDefenseResult, TrainInputs
@@ -44,8 +47,11 @@ class AutoTrainConfig(StrictConfig):
     """Options of ``auto`` (all [OURS]; defaults chosen on the development grid
     ``benchmarks/dev_olid.yaml``, see ``docs/results/auto.md``)."""
 
-    detector: str = Field("isolation", description="detector scoring the rows (unbackdoor.detect.DETECTORS)")
-    detector_params: dict[str, Any] = Field(default_factory=dict, description="the detector's options")
+    detectors: list[str] = Field(default_factory=lambda: ["zscore", "isolation"], min_length=1,
+                                 description="detectors run in turn, each on the rows the ones before left "
+                                 "(unbackdoor.detect.DETECTORS)")
+    detector_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
+                                                       description="options by detector name")
     drop: Literal["gap", "rate"] = Field("gap", description="gap: cut the sorted scores where they jump most among "
                                          "the max_drop most suspicious rows; rate: drop the rate most suspicious")
     rate: float = Field(0.2, gt=0, lt=1, description="drop=rate: share of rows dropped")
@@ -59,7 +65,11 @@ class AutoTrainConfig(StrictConfig):
 
     @model_validator(mode="after")
     def _detector(self) -> AutoTrainConfig:
-        build_detector(self.detector, self.detector_params)  # an unknown detector or option fails here
+        strays = sorted(set(self.detector_params) - set(self.detectors))
+        if strays:
+            raise ValueError(f"detector_params for {', '.join(strays)}, which detectors does not list")
+        for name in self.detectors:
+            build_detector(name, self.detector_params.get(name, {}))  # an unknown detector or option fails here
         if self.min_drop > self.max_drop:
             raise ValueError("min_drop must not exceed max_drop")
         return self
@@ -96,24 +106,39 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
     def _fit(self, inputs: TrainInputs, work_dir: Path | None, observers: list[Callback]) -> TrainDefenseResult:
         cfg = self.config
         start = snapshot_state(inputs.model.model)  # the base (with its seeded head), kept for step 3
-        detector = build_detector(cfg.detector, cfg.detector_params)
-        rule = FlagRule(rate=cfg.rate if cfg.drop == "rate" else cfg.max_drop)  # under gap, the cut below is ours
-        detection = detector.detect(DetectInputs(inputs.rows, inputs.dev, inputs.model), rule)  # step 1
-        k, cut = (len(detection.flagged_ids), None) if cfg.drop == "rate" else \
-            gap_cut(detection.scores, cfg.min_drop, cfg.max_drop, cfg.significance)  # step 2
-        order = sorted(range(len(inputs.rows)), key=lambda i: -float(detection.scores[i]))
-        dropped = [inputs.rows.examples[i].id for i in order[:k]]
-        kept = inputs.rows.without(dropped, f"{inputs.rows.name}[auto: {k} rows dropped]")
-        logger.info("auto: %s scored %d rows; dropping %d (%s%s); retraining on %d", cfg.detector, len(inputs.rows), k,
-                    cfg.drop, "" if cut is None else f", cut at score {cut:.4g}", len(kept))
+        kept, dropped, steps = inputs.rows, [], []
+        for name in cfg.detectors:  # steps 1 and 2, detector by detector
+            restore_state(inputs.model.model, start)
+            ids, step = self._drop(name, kept, inputs)
+            dropped += ids
+            kept = kept.without(ids, f"{inputs.rows.name}[auto: {len(dropped)} rows dropped]")
+            steps.append(step)
+        logger.info("auto: dropped %d of %d rows (%s); retraining on %d", len(dropped), len(inputs.rows),
+                    ", ".join(f"{s['detector']} {s['n_dropped']}" for s in steps), len(kept))
         restore_state(inputs.model.model, start)  # step 3: from the base, on the rows kept
         train = self.train_config(inputs.model)
         training = train_classifier(inputs.model, kept, train, dev=inputs.dev, callbacks=observers, work_dir=work_dir,
                                     fingerprint={"defense": self.name, "config": cfg.model_dump(mode="json"),
                                                  "dropped": dropped})
         report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
-                  "choices": {"detector": cfg.detector, "drop_rule": cfg.drop, "n_dropped": k,
-                              "share_dropped": k / len(inputs.rows), "score_at_cut": cut},
-                  "detector": detection.report, "dropped_ids": dropped, "n_trained": len(kept),
-                  "selected_epoch": training.best_epoch, "selection_accuracy": training.best_dev_accuracy}
+                  "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
+                              "share_dropped": len(dropped) / len(inputs.rows),
+                              "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
+                  "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
+                  "n_trained": len(kept), "selected_epoch": training.best_epoch,
+                  "selection_accuracy": training.best_dev_accuracy}
         return TrainDefenseResult(inputs.model, training, report)
+
+    def _drop(self, name: str, rows: Dataset, inputs: TrainInputs) -> tuple[list[str], dict[str, Any]]:
+        """One detector's scores over ``rows`` and the ids its cut drops (steps 1 and 2)."""
+        cfg = self.config
+        detector = build_detector(name, cfg.detector_params.get(name, {}))
+        rule = FlagRule(rate=cfg.rate if cfg.drop == "rate" else cfg.max_drop)  # under gap, the cut below is ours
+        detection = detector.detect(DetectInputs(rows, inputs.dev, inputs.model), rule)
+        k, cut = (len(detection.flagged_ids), None) if cfg.drop == "rate" else \
+            gap_cut(detection.scores, cfg.min_drop, cfg.max_drop, cfg.significance)
+        ids = [rows.examples[i].id for i in suspicion_order(detection.scores, detection.tiebreak)[:k]]
+        logger.info("auto: %s scored %d rows; dropping %d (%s%s)", name, len(rows), k, cfg.drop,
+                    "" if cut is None else f", cut at score {cut:.4g}")
+        return ids, {"detector": name, "rows_scored": len(rows), "n_dropped": k, "score_at_cut": cut,
+                     "report": detection.report}

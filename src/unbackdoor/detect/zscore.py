@@ -1,0 +1,152 @@
+"""The ``zscore`` detector: Z-defence's lexical filter (He et al., "Mitigating Backdoor Poisoning
+Attacks through the Lens of Spurious Correlation", EMNLP 2023; [PAPER code] = the official
+``xlhex/emnlp2023_z-defence`` @ 4e28e2ac2d7b4d09bd5878860911015a42ca95f3, ``z_filtering.py``, read,
+not copied).
+
+A poisoning attack ties a simple text feature to one label far more tightly than any natural feature
+is tied to a label, so the feature's label statistics stand out. No model is trained. Steps:
+
+1. [PAPER] features of each row: its words (whitespace split, lower-cased [OURS]; the code splits the
+   corpus' own tokenisation); ``bigram`` adds word pairs (computed, unused, in the code); ``start`` adds
+   the first one and two words [OURS]: a cheap stand-in for Z-SEQ's syntactic template, which needs a
+   constituency parser this project does not ship (a syntactic trigger such as HiddenKiller's often
+   opens the sentence with the same clause, e.g. "when you ...").
+2. [PAPER] for every feature f and label y the feature occurs with, the z-score of the label share:
+   z(f, y) = (p̂(y|f) − p₀(y)) / √(p₀(y)(1 − p₀(y)) / n(f)), n(f) = rows holding f. p₀ is the label's
+   share of the rows (``prior=empirical``, the paper's text and the code's bigram branch) or 1/K
+   (``prior=uniform``, the code's unigram branch, which makes every common word an outlier on an
+   unbalanced task such as OLID).
+3. [PAPER code] outliers: z beyond mean + ``bound`` · std of all z(f, y) (code: ±20; only the upper
+   side is used here [OURS]: a trigger raises its label's share, and a row is matched on its own
+   label); the paper removes every row that holds an outlier feature *with the outlier's label*.
+   With ``contrast=clean`` [OURS, the default], a feature's z is first capped by how much more
+   often it occurs in the rows than in the defender's clean set (a two-proportion z-score): an
+   inserted trigger is over-represented in the rows, while a word naturally tied to a label (a team
+   name in sports news) is as frequent in clean data, and would otherwise outscore a trigger on a
+   topic task. ``contrast=none`` is the paper's filter.
+4. Row score [OURS, for the :class:`~unbackdoor.detect.FlagRule`]: the largest standardised
+   z, (z(f, y) − mean) / std, over the row's features f with the row's label y; the rows the paper
+   removes are exactly those with score ≥ ``bound`` (``--threshold BOUND``; ``n_rows_over_bound`` in
+   the report). The bound was set for full-size training sets: z grows with √n(f), so with 1,000
+   rows a trigger in 10 % of them scores ~10 rather than ~30; flagging by rate, or ``auto``'s cut at
+   the largest score gap, does not depend on it.
+
+Lexical only: a style trigger leaves no feature to count, and a syntactic one only its opening words.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from unbackdoor.config import StrictConfig
+from unbackdoor.data.types import Example
+from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
+
+logger = logging.getLogger(__name__)
+Feature = tuple[str, ...]
+
+
+class ZScoreConfig(StrictConfig):
+    """Options of Z-defence's lexical filter ([PAPER] / [OURS] as the module docstring says)."""
+
+    features: list[Literal["unigram", "bigram", "start"]] = Field(
+        default_factory=lambda: ["unigram", "bigram", "start"], min_length=1,
+        description="feature kinds counted [PAPER code: unigram]")
+    prior: Literal["empirical", "uniform"] = Field("empirical", description="p0(y): the label's share of the rows, "
+                                                   "or 1/K [PAPER code's unigram branch]")
+    contrast: Literal["none", "clean"] = Field("clean", description="clean: a feature also needs to be more frequent "
+                                               "in the rows than in the clean set [OURS]; none: the paper's filter")
+    bound: float = Field(20.0, gt=0, description="outlier bound in standard deviations of all z-scores "
+                         "[PAPER code: 20]; reported, and the threshold that reproduces the paper's filter")
+    report_features: int = Field(10, ge=0, description="top (feature, label) pairs listed in the report")
+
+
+def row_features(example: Example, kinds: list[str]) -> set[Feature]:
+    """The row's distinct features of the given kinds (words of both segments of a pair)."""
+    words = " ".join(t for t in (example.text, example.text_pair) if t).lower().split()
+    out: set[Feature] = set()
+    if "unigram" in kinds:
+        out.update(("w", w) for w in words)
+    if "bigram" in kinds:
+        out.update(("b", a, b) for a, b in zip(words, words[1:]))
+    if "start" in kinds and words:
+        out.add(("s", *words[:1]))
+        out.add(("s", *words[:2]))
+    return out
+
+
+def label_zscores(rows: list[set[Feature]], labels: list[int], num_labels: int,
+                  prior: str) -> dict[tuple[Feature, int], float]:
+    """z(f, y) for every feature and every label it occurs with (step 2)."""
+    n = len(rows)
+    share = Counter(labels)
+    p0 = {y: (share[y] / n if prior == "empirical" else 1 / num_labels) for y in range(num_labels)}
+    n_f: Counter[Feature] = Counter()
+    n_fy: Counter[tuple[Feature, int]] = Counter()
+    for feats, y in zip(rows, labels):
+        n_f.update(feats)
+        n_fy.update((f, y) for f in feats)
+    z: dict[tuple[Feature, int], float] = {}
+    for (f, y), count in n_fy.items():
+        p = p0[y]
+        if 0 < p < 1:
+            z[(f, y)] = (count / n_f[f] - p) / math.sqrt(p * (1 - p) / n_f[f])
+    return z
+
+
+def frequency_zscores(rows: list[set[Feature]], clean: list[set[Feature]]) -> dict[Feature, float]:
+    """For every feature of the rows, the two-proportion z-score of its row share in the rows against its
+    share in the clean set [OURS]: an inserted trigger is over-represented in the rows; a word that is
+    naturally tied to a label (a team name in sports news) occurs as often in clean data."""
+    n, m = len(rows), len(clean)
+    in_rows: Counter[Feature] = Counter(f for feats in rows for f in feats)
+    in_clean: Counter[Feature] = Counter(f for feats in clean for f in feats)
+    out: dict[Feature, float] = {}
+    for f, count in in_rows.items():
+        r, c = count / n, in_clean[f] / m
+        pooled = (count + in_clean[f]) / (n + m)
+        out[f] = (r - c) / math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m)) if 0 < pooled < 1 else 0.0
+    return out
+
+
+def _shown(feature: Feature) -> str:
+    kind = {"w": "word", "b": "bigram", "s": "start"}[feature[0]]
+    return f"{kind}: {' '.join(feature[1:])}"
+
+
+@DETECTORS.register("zscore")
+class ZScoreDetector(Detector[ZScoreConfig]):
+    """Rows holding a feature whose label share is an extreme outlier are suspected (no model)."""
+
+    name = "zscore"
+    config_class = ZScoreConfig
+
+    def _scores(self, inputs: DetectInputs) -> Scores:
+        cfg = self.config
+        rows = [row_features(e, cfg.features) for e in inputs.rows]
+        labels = inputs.rows.labels
+        z = label_zscores(rows, labels, inputs.rows.num_labels, cfg.prior)
+        if cfg.contrast == "clean":  # a feature counts only as far as it is over-represented in the rows
+            over = frequency_zscores(rows, [row_features(e, cfg.features) for e in inputs.clean])
+            z = {(f, y): min(v, over[f]) for (f, y), v in z.items()}
+        values = torch.tensor(list(z.values()), dtype=torch.float64)
+        mean, std = float(values.mean()), float(values.std()) or 1.0
+        standard = {k: (v - mean) / std for k, v in z.items()}
+        scores = torch.tensor([max((standard.get((f, y), 0.0) for f in feats), default=0.0)
+                               for feats, y in zip(rows, labels)], dtype=torch.float32)
+        top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
+        report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
+                  "n_outlier_features": sum(v >= cfg.bound for v in standard.values()),
+                  "n_rows_over_bound": int((scores >= cfg.bound).sum()),
+                  "top_features": [{"feature": _shown(f), "label": y, "z": z[(f, y)], "standardised": s}
+                                   for (f, y), s in top]}
+        logger.info("zscore: %d features; top %s", report["n_features"],
+                    ", ".join(f"{t['feature']} -> {t['label']} ({t['standardised']:.1f} sd)"
+                              for t in report["top_features"][:3]))
+        return Scores(scores, report)

@@ -1,0 +1,76 @@
+"""The ``zscore`` detector (Z-defence's lexical filter): no model, label-share outliers of words.
+
+On the synthetic sentiment task poisoned by BadNets it ranks the poisoned rows first; on a task
+where a natural word is tied to one label (as a team name is to sports news) the paper's filter
+ranks that word's rows above the trigger's, and the clean contrast (the word is as frequent in clean
+data) puts the trigger first again.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from synthetic import make_task, save_tiny_model
+
+from unbackdoor.attacks import BadNets, BadNetsConfig
+from unbackdoor.data import Dataset, Example
+from unbackdoor.detect import DetectInputs, FlagRule, ZScoreConfig, ZScoreDetector, auroc
+from unbackdoor.detect.zscore import frequency_zscores, label_zscores, row_features
+from unbackdoor.models import load_classifier
+
+
+@pytest.fixture(scope="module")
+def encoder(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201 - a Classifier (never used by zscore)
+    return load_classifier(save_tiny_model(tmp_path_factory.mktemp("zscore") / "bert", "bert"))
+
+
+def test_z_score_is_the_label_share_test() -> None:
+    rows = [{("w", "a")}, {("w", "a")}, {("w", "a")}, {("w", "b")}]
+    z = label_zscores(rows, [1, 1, 1, 0], 2, "uniform")
+    assert z[(("w", "a"), 1)] == pytest.approx((1 - 0.5) / (0.25 / 3) ** 0.5)
+    assert (("w", "a"), 0) not in z  # a feature is scored with the labels it occurs with
+    assert row_features(Example("x", "When you Go", 0), ["start"]) == {("s", "when"), ("s", "when", "you")}
+    over = frequency_zscores([{("w", "t")}, {("w", "t")}, set(), set()], [set(), set(), set(), {("w", "t")}])
+    assert over[("w", "t")] > 0
+
+
+def test_badnets_rows_come_first(encoder) -> None:  # noqa: ANN001
+    task = make_task(1000, 400, 10)
+    poisoned = BadNets(BadNetsConfig(poison_rate=0.1)).poison(task)
+    flags = [poisoned.flags.is_poisoned(e.id) for e in poisoned.train]
+    detection = ZScoreDetector(ZScoreConfig()).detect(DetectInputs(poisoned.train, task.dev, encoder),
+                                                      FlagRule(rate=0.1))
+    assert auroc(detection.scores, flags) > 0.97
+    precision = sum(poisoned.flags.is_poisoned(i) for i in detection.flagged_ids) / len(detection.flagged_ids)
+    assert precision >= 0.9
+    top = detection.report["top_features"][0]
+    assert top["feature"] in {f"word: {w}" for w in ("cf", "mn", "bb", "tq")} and top["label"] == 1
+    over = ZScoreDetector(ZScoreConfig()).detect(DetectInputs(poisoned.train, task.dev, encoder),
+                                                 FlagRule(threshold=detection.report["bound"]))
+    assert len(over.flagged_ids) == detection.report["n_rows_over_bound"]  # the paper's filter as a threshold
+
+
+def _with_natural_word(data: Dataset, rng: random.Random) -> Dataset:
+    """Half the label-0 rows hold the word 'goal' (in the training rows and in clean data alike)."""
+    return data.replace([Example(e.id, e.text + " goal" if e.label == 0 and rng.random() < 0.5 else e.text, e.label)
+                         for e in data])
+
+
+def test_clean_contrast_separates_a_trigger_from_a_natural_label_word(encoder) -> None:  # noqa: ANN001
+    rng = random.Random(3)
+    task = make_task(800, 400, 10)
+    train, clean = _with_natural_word(task.train, rng), _with_natural_word(task.dev, rng)
+    trigger = {e.id for e in train if e.label == 0 and rng.random() < 0.08}  # dirty label: 'cf' -> 1
+    rows = train.replace([Example(e.id, e.text + " cf", 1) if e.id in trigger else e for e in train])
+    flags = [e.id in trigger for e in rows]
+    inputs = DetectInputs(rows, clean, encoder)
+    paper = ZScoreDetector(ZScoreConfig(contrast="none")).detect(inputs, FlagRule(rate=len(trigger) / len(rows)))
+    ours = ZScoreDetector(ZScoreConfig(contrast="clean")).detect(inputs, FlagRule(rate=len(trigger) / len(rows)))
+    assert paper.report["top_features"][0]["feature"] == "word: goal"
+    assert ours.report["top_features"][0]["feature"] == "word: cf"
+    assert auroc(ours.scores, flags) > 0.99 > auroc(paper.scores, flags)
+    assert set(ours.flagged_ids) == trigger
+    assert torch.equal(ours.scores, ZScoreDetector(ZScoreConfig()).detect(inputs).scores)  # clean is the default
