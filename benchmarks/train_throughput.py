@@ -20,8 +20,25 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 NON_EMBEDDING_PARAMS = 10.6e6  # all-MiniLM-L6-v2 without its word embeddings (the issue's physical bound)
-# peak of one Zen 4 core at ~3 GHz: 2 x 512-bit FMA pipes = 32 fp32 (64 bf16 via avx512_bf16) FLOP/cycle
-PEAK_GFLOPS_PER_CORE = {"fp32": 32 * 3.0, "bf16": 64 * 3.0}
+
+
+def cpu_peak() -> dict:
+    """Per-core peak FLOP/cycle by precision and the clock, from /proc/cpuinfo (Linux x86):
+
+    * Intel with AVX-512 (Xeon Scalable): 2 x 512-bit FMA units = 64 fp32 FLOP/cycle; with AMX-BF16
+      the tile unit's 1,024 bf16 FLOP/cycle (else avx512_bf16's dot products, 2 x the fp32 rate);
+    * AMD Zen 4: AVX-512 on 2 x 256-bit FMA pipes = 32 fp32 FLOP/cycle, 64 bf16 (avx512_bf16);
+    * otherwise AVX2 with 2 FMA pipes: 32 fp32, no native bf16 (same as fp32).
+    The clock is the nominal one the kernel reports ("cpu MHz"; a VM often shows the base clock)."""
+    text = open("/proc/cpuinfo", encoding="utf-8").read() if os.path.exists("/proc/cpuinfo") else ""
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
+    mhz = next((float(line.split(":", 1)[1]) for line in text.splitlines() if line.startswith("cpu MHz")), 3000.0)
+    intel = "GenuineIntel" in text
+    fp32 = 64 if intel and "avx512f" in flags else 32
+    bf16 = 1024 if "amx_bf16" in flags else 2 * fp32 if "avx512_bf16" in flags else fp32
+    unit = "AMX" if "amx_bf16" in flags else "avx512_bf16" if "avx512_bf16" in flags else "none"
+    return {"model": model, "ghz": mhz / 1000, "flop_per_cycle": {"fp32": fp32, "bf16": bf16}, "bf16_unit": unit}
 
 
 def _rows(n: int):  # noqa: ANN202
@@ -108,10 +125,10 @@ def _child(args: argparse.Namespace, impl: str, precision: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def share_of_peak(row: dict, threads: int) -> float:
+def share_of_peak(row: dict, threads: int, peak: dict) -> float:
     """Achieved training FLOP/s (6 x non-embedding parameters x tokens) over the cores' peak."""
     flops = 6 * NON_EMBEDDING_PARAMS * row["tokens"] / row["wall_s"]
-    return flops / (threads * PEAK_GFLOPS_PER_CORE[row["precision"]] * 1e9)
+    return flops / (threads * peak["flop_per_cycle"][row["precision"]] * peak["ghz"] * 1e9)
 
 
 def main() -> None:
@@ -131,15 +148,19 @@ def main() -> None:
         return
     train = [_child(args, "hf", "fp32"), _child(args, "ours", "fp32"), _child(args, "ours", "bf16")]
     pred = [_child(args, "predict", "fp32"), _child(args, "predict", "bf16")]
+    peak = cpu_peak()
     print(f"model all-MiniLM-L6-v2, {args.rows} SST-2 rows, batch {args.batch_size}, max_length {args.max_length}, "
-          f"1 epoch, {args.threads} torch thread(s) per process, {os.cpu_count()} CPU cores")
-    print("| run | examples/s | wall s | peak memory MB | share of the cores' peak |")
-    print("|---|---:|---:|---:|---:|")
+          f"1 epoch, {args.threads} torch thread(s) per process, {os.cpu_count()} CPU cores: {peak['model']}, "
+          f"{peak['ghz']:.2f} GHz nominal, peak FLOP/cycle/core fp32 {peak['flop_per_cycle']['fp32']}, "
+          f"bf16 {peak['flop_per_cycle']['bf16']} ({peak['bf16_unit']})")
+    print("| run | examples/s | wall s | peak memory MB | training GFLOP/s | share of the cores' peak |")
+    print("|---|---:|---:|---:|---:|---:|")
     for r in train:
+        gflops = 6 * NON_EMBEDDING_PARAMS * r["tokens"] / r["wall_s"] / 1e9
         print(f"| train: {r['impl']} | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} | "
-              f"{100 * share_of_peak(r, args.threads):.1f} % |")
+              f"{gflops:.0f} | {100 * share_of_peak(r, args.threads, peak):.1f} % |")
     for r in pred:
-        print(f"| {r['impl']} (SST-2 test) | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} | |")
+        print(f"| {r['impl']} (SST-2 test) | {r['examples_per_s']:.1f} | {r['wall_s']:.1f} | {r['peak_memory_mb']:.0f} | | |")
     hf, fp32, bf16 = (r["examples_per_s"] for r in train)
     print(f"training: unbackdoor bf16 / Trainer fp32 = {bf16 / hf:.2f}x (target >= 2.0x); "
           f"unbackdoor fp32 / Trainer fp32 = {fp32 / hf:.2f}x; bf16 / fp32 = {bf16 / fp32:.2f}x")

@@ -192,6 +192,16 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path: Path, inputs
     assert run_bench(config, tmp_path / "run") == {"done": 6}
     assert all(v == ["done"] for v in _attempts_by_cell(store).values())
 
+    # --rerun: the named defence's cells run again (outputs removed first), nothing else does
+    with pytest.raises(ConfigError, match="--rerun nope: not among the config's defences"):
+        prepare(config, tmp_path / "run", rerun=["nope"])
+    stamp = (detect / "scores.csv").stat().st_mtime_ns
+    assert run_bench(config, tmp_path / "run", rerun=["lya"]) == {"done": 6}
+    attempts = _attempts_by_cell(store)
+    assert attempts["syn/badnets/s0/lya"] == ["done", "done"]
+    assert all(v == ["done"] for cid, v in attempts.items() if cid != "syn/badnets/s0/lya")
+    assert (detect / "scores.csv").stat().st_mtime_ns != stamp
+
 
 def test_failed_cell_is_recorded_and_the_rest_finish(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
     attacks = [{"name": "badnets", "attack": "badnets"},
@@ -244,6 +254,21 @@ def test_two_worker_processes_share_the_grid(tmp_path: Path, inputs: tuple[Path,
     attempts = _attempts_by_cell(store)
     assert len(attempts) == 8 and all(v == ["done"] for v in attempts.values())
     assert len({a["pid"] for a in store.attempts()}) == 2
+
+
+def test_workers_are_recycled_and_the_grid_still_finishes(tmp_path: Path, inputs: tuple[Path, Path],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stops after CELLS_PER_WORKER cells (what a process gathers over many cells, it gives
+    back) and a fresh one takes its place until the grid is done; no cell runs twice."""
+    from unbackdoor.bench import runner
+
+    monkeypatch.setattr(runner, "CELLS_PER_WORKER", 2)
+    config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:1])
+    assert run_bench(config, tmp_path / "run", workers=2, poll_s=0.2) == {"done": 8}
+    store = Store(tmp_path / "run")
+    assert all(v == ["done"] for v in _attempts_by_cell(store).values())
+    pids = collections.Counter(a["pid"] for a in store.attempts())
+    assert len(pids) >= 4 and max(pids.values()) <= 2
 
 
 def test_published_sst2_grid_is_valid(shared_data: Path) -> None:

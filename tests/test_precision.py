@@ -46,6 +46,20 @@ def test_bf16_predictions_agree_with_fp32(planted) -> None:  # noqa: ANN001
     assert (fp32 == bf16).mean() >= 0.97
 
 
+def test_bf16_batches_are_padded_to_a_multiple_of_16_and_fp32_ones_are_not(planted) -> None:  # noqa: ANN001
+    from unbackdoor.inference import BF16_PAD_MULTIPLE, collate, encode
+
+    rows = planted.task.test.examples[:5]
+    for precision in ("bf16", "fp32"):
+        clf = load_classifier(planted.victim_dir, precision=precision)
+        feats = encode(clf, rows)
+        batch = collate(clf, feats)
+        longest = max(len(f["input_ids"]) for f in feats)
+        width = -(-longest // BF16_PAD_MULTIPLE) * BF16_PAD_MULTIPLE if precision == "bf16" else longest
+        assert batch["input_ids"].shape == (5, width)
+        assert batch["attention_mask"].sum().item() == sum(len(f["input_ids"]) for f in feats)  # pads are masked
+
+
 def test_bf16_training_learns_the_task_and_the_backdoor(planted) -> None:  # noqa: ANN001
     results = {}
     for precision in ("fp32", "bf16"):
@@ -67,7 +81,8 @@ def test_diagonal_fisher_is_an_fp32_island(planted) -> None:  # noqa: ANN001
 
     fp32, bf16 = _pair(planted)
     a, b = (diagonal_fisher(c, planted.clean, max_rows=24) for c in (fp32, bf16))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # equal up to fp32 rounding: bf16 batches are padded to a multiple of 16 tokens (masked positions)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-10) for k in a)
 
 
 def test_tsbd_neuron_weight_change_is_an_fp32_island(planted) -> None:  # noqa: ANN001

@@ -9,7 +9,6 @@ data) puts the trigger first again.
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch

@@ -394,6 +394,9 @@ def bench_cmd(
     run_dir: Annotated[Optional[str], typer.Option(help="run folder (default runs/bench/NAME); a rerun resumes it")] = None,
     workers: Annotated[int, typer.Option(help="worker processes (one torch thread each when more than one)")] = 1,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="run failed cells again")] = False,
+    rerun: Annotated[Optional[list[str]], typer.Option(
+        "--rerun", metavar="DEFENCE", help="run this defence's finished cells again, e.g. after a change to its code "
+        "(repeatable; with --seed, that seed's only)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option(
         "--seed", help="run only this seed's cells (repeatable); the other seeds stay pending for a later run")] = None,
 ) -> None:
@@ -403,7 +406,8 @@ def bench_cmd(
     from unbackdoor.bench.report import summary_text
     from unbackdoor.bench.runner import resolve_run_dir, run_bench
 
-    counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None)
+    counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None,
+                       rerun=rerun or ())
     run = resolve_run_dir(load_bench_config(config_file), run_dir)
     typer.echo(summary_text(run), nl=False)
     typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +

@@ -16,6 +16,10 @@ from unbackdoor.errors import DataError
 from unbackdoor.models.loading import Classifier
 from unbackdoor.precision import autocast
 
+# [OURS, measured] bf16 batches are padded to a multiple of 16 tokens: AMX tiles hold 16 rows, and fewer
+# distinct shapes keep oneDNN's cache of compiled kernels small (a 1,000-row SST-2 victim: peak RSS 1.48 GB
+# against 1.88 GB unpadded and 1.63 GB in fp32; docs/benchmarks.md). fp32 batches stay unpadded.
+BF16_PAD_MULTIPLE = 16
 ENCODE_CACHE_ENTRIES = 16  # tokenised row sets kept per process (a few MB each)
 
 
@@ -85,8 +89,10 @@ def _tokenise(tokenizer: Any, texts: tuple[str, ...], pairs: tuple[str, ...] | N
 
 
 def collate(clf: Classifier, features: Sequence[dict[str, list[int]]], labels: Sequence[int] | None = None) -> dict[str, torch.Tensor]:
-    """Pad a batch to its longest row (dynamic padding)."""
-    batch = clf.tokenizer.pad(list(features), padding=True, return_tensors="pt")
+    """Pad a batch to its longest row (dynamic padding); under bf16 to the next multiple of
+    :data:`BF16_PAD_MULTIPLE` tokens (padded positions are masked: the rows' outputs do not change)."""
+    multiple = BF16_PAD_MULTIPLE if clf.precision == "bf16" else None
+    batch = clf.tokenizer.pad(list(features), padding=True, return_tensors="pt", pad_to_multiple_of=multiple)
     out = {k: v for k, v in batch.items()}
     if labels is not None:
         out["labels"] = torch.tensor(list(labels), dtype=torch.long)

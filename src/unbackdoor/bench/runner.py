@@ -384,9 +384,10 @@ def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> b
 
 # ----------------------------------------------------------------------------- workers
 def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None,
-         seeds: Sequence[int] | None = None) -> int:
+         seeds: Sequence[int] | None = None, max_cells: int | None = None) -> int:
     """One worker: claim and run cells (of ``seeds``, if given) until none is left to claim and none
-    is running. Returns the number of cells this worker ran; ``on_cell()`` is called after each."""
+    is running, or until it ran ``max_cells``. Returns the number of cells this worker ran;
+    ``on_cell()`` is called after each."""
     run_dir = Path(run_dir)
     store = Store(run_dir)
     commit = git_commit()
@@ -403,12 +404,19 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
         ran += 1
         if on_cell is not None:
             on_cell()
+        if max_cells is not None and ran >= max_cells:
+            return ran
+
+
+CELLS_PER_WORKER = 20  # [OURS] a worker process runs this many cells, then a fresh one takes over
+RECYCLED = 3  # a worker's exit status when it stopped at CELLS_PER_WORKER (more cells may be left)
 
 
 def worker_command(run_dir: Path, seeds: Sequence[int] | None = None) -> list[str]:
     """The command line of one worker process."""
     seed_args = ["--seeds", ",".join(map(str, seeds))] if seeds is not None else []
-    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *seed_args]
+    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *seed_args,
+            "--max-cells", str(CELLS_PER_WORKER)]
 
 
 def spawn_workers(run_dir: Path, n: int, seeds: Sequence[int] | None = None) -> list[subprocess.Popen]:
@@ -442,14 +450,19 @@ def _refresh(bar: Any, store: Store, seeds: Sequence[int] | None) -> None:
 
 
 def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: bool = False,
-            seeds: Sequence[int] | None = None) -> tuple[Path, Store]:
+            seeds: Sequence[int] | None = None, rerun: Sequence[str] = ()) -> tuple[Path, Store]:
     """Validate the config (and the seed slice), create or reopen the run dir's store, add the grid's
-    cells, re-queue failed cells if asked, dead workers' cells and finished cells whose models are gone."""
+    cells, re-queue failed cells if asked, the finished cells of the ``rerun`` defences (of the seed
+    slice; their outputs are removed first), dead workers' cells and finished cells whose models are gone."""
     config = load_bench_config(config_path)
     unknown = sorted(set(seeds or ()) - set(config.seeds))
     if unknown:
         raise ConfigError(f"--seed {', '.join(map(str, unknown))}: not among the config's seeds "
                           f"({', '.join(map(str, config.seeds))})")
+    strays = sorted(set(rerun) - {d.name for d in config.defenses})
+    if strays:
+        raise ConfigError(f"--rerun {', '.join(strays)}: not among the config's defences (a victim or the floor "
+                          "is rerun by removing its model folder)")
     run = resolve_run_dir(config, run_dir)
     cells = expand(config, capped_datasets(config, run))
     store = Store(run)
@@ -462,6 +475,13 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     write_json(run / CONFIG_COPY, config.model_dump(mode="json"))
     if retry_failed:
         logger.info("re-queued %d failed cells", store.retry_failed())
+    if rerun:
+        again = [c["id"] for c in store.cells() if c["defence"] in set(rerun) and c["status"] in ("done", "failed")
+                 and (seeds is None or c["seed"] in set(seeds))]
+        for cid in again:
+            shutil.rmtree(model_dir(run, cid), ignore_errors=True)  # the cell's own outputs, under the run dir
+        store.requeue(again)
+        logger.info("re-queued %d cells of %s", len(again), ", ".join(rerun))
     store.reset_dead_workers()
     lost = requeue_lost_models(run, store)
     if lost:
@@ -507,22 +527,27 @@ def requeue_lost_models(run: Path, store: Store) -> list[str]:
 
 
 def run_bench(config_path: str | Path, run_dir: str | Path | None = None, workers: int = 1,
-              retry_failed: bool = False, poll_s: float = 2.0, seeds: Sequence[int] | None = None) -> dict[str, int]:
+              retry_failed: bool = False, poll_s: float = 2.0, seeds: Sequence[int] | None = None,
+              rerun: Sequence[str] = ()) -> dict[str, int]:
     """Run (or resume) a grid, or only the cells of ``seeds`` (a slice: the other seeds' cells stay
     pending in the store, for a later run); return the slice's cell counts by status. Results:
     RUN_DIR/results.sqlite (+ results.json)."""
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    run, store = prepare(config_path, run_dir, retry_failed, seeds)
+    run, store = prepare(config_path, run_dir, retry_failed, seeds, rerun)
     bar = _progress(store, seeds)
     try:
         if workers == 1:
             work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, seeds), seeds=seeds)
         else:
             procs = spawn_workers(run, workers, seeds)
-            while any(p.poll() is None for p in procs):
+            while procs:
                 _refresh(bar, store, seeds)
                 time.sleep(poll_s)
+                recycled = [p for p in procs if p.poll() == RECYCLED]
+                procs = [p for p in procs if p.poll() is None]
+                if recycled:  # memory a process gathers over many cells is returned; the work goes on
+                    procs += spawn_workers(run, len(recycled), seeds)
         _refresh(bar, store, seeds)
     finally:
         bar.close()
@@ -537,6 +562,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="unbackdoor.bench.runner")
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None)
+    parser.add_argument("--max-cells", type=int, default=None, help="exit (status 3) after this many cells")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
@@ -547,7 +573,9 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(1)
-    work(args.run_dir, seeds=args.seeds)
+    ran = work(args.run_dir, seeds=args.seeds, max_cells=args.max_cells)
+    if args.max_cells is not None and ran >= args.max_cells:
+        sys.exit(RECYCLED)
 
 
 if __name__ == "__main__":  # pragma: no cover
