@@ -85,7 +85,8 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     assert len(dropped & poisoned) >= 0.8 * len(poisoned) and len(dropped) <= 1.5 * len(poisoned), len(dropped)
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
-    assert result.report["choices"]["drop_rule"] == "gap" and result.report["n_trained"] == 400 - len(dropped)
+    assert result.report["choices"]["steps"][0]["drop_rule"] == "gap"  # CUBE calibrates no threshold
+    assert result.report["n_trained"] == 400 - len(dropped)
 
 
 def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) -> None:  # noqa: ANN001
@@ -98,7 +99,9 @@ def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) 
     first, second = result.report["choices"]["steps"]
     poisoned = planted.poisoned.flags.poisoned_ids
     by_zscore = set(result.report["dropped_ids"][:first["n_dropped"]])
-    assert first["detector"] == "zscore" and len(by_zscore & poisoned) >= 0.6 * len(poisoned), first
+    assert first["detector"] == "zscore" and first["drop_rule"] == "calibrated"
+    assert first["score_at_cut"] == result.report["detectors"]["zscore"]["threshold"]  # the clean rows' 99th percentile score
+    assert len(by_zscore & poisoned) >= 0.9 * len(poisoned), first["n_dropped"]
     assert second["detector"] == "isolation" and second["rows_scored"] == 400 - first["n_dropped"]
     assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"]
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)

@@ -28,8 +28,13 @@ is tied to a label, so the feature's label statistics stand out. No model is tra
    z, (z(f, y) − mean) / std, over the row's features f with the row's label y; the rows the paper
    removes are exactly those with score ≥ ``bound`` (``--threshold BOUND``; ``n_rows_over_bound`` in
    the report). The bound was set for full-size training sets: z grows with √n(f), so with 1,000
-   rows a trigger in 10 % of them scores ~10 rather than ~30; flagging by rate, or ``auto``'s cut at
-   the largest score gap, does not depend on it.
+   rows a trigger in 10 % of them scores ~10 rather than ~30. So the report also gives a threshold
+   calibrated on the clean set [OURS]: the ``clean_quantile`` (0.99) quantile of the clean rows'
+   scores under the same statistics (what rows that carry no trigger score; a trigger is absent from
+   clean data). ``auto`` drops the rows above it; ``--threshold`` with it does the same in ``detect``.
+   The 99th percentile rather than the maximum: a clean row may hold the trigger's words by chance (an
+   IMDB review that says "I watch this 3D movie"); chosen on OLID, HateSpeech and IMDB, where it kept
+   every poisoned row of BadNets and AddSent above it (docs/results/auto.md).
 
 Lexical only: a style trigger leaves no feature to count, and a syntactic one only its opening words.
 """
@@ -62,6 +67,8 @@ class ZScoreConfig(StrictConfig):
                                                    "or 1/K [PAPER code's unigram branch]")
     contrast: Literal["none", "clean"] = Field("clean", description="clean: a feature also needs to be more frequent "
                                                "in the rows than in the clean set [OURS]; none: the paper's filter")
+    clean_quantile: float = Field(0.99, gt=0, le=1, description="the reported threshold: this quantile of the clean "
+                                  "rows' scores under the same statistics [OURS]")
     bound: float = Field(20.0, gt=0, description="outlier bound in standard deviations of all z-scores "
                          "[PAPER code: 20]; reported, and the threshold that reproduces the paper's filter")
     report_features: int = Field(10, ge=0, description="top (feature, label) pairs listed in the report")
@@ -115,6 +122,12 @@ def frequency_zscores(rows: list[set[Feature]], clean: list[set[Feature]]) -> di
     return out
 
 
+def row_scores(standard: dict[tuple[Feature, int], float], rows: list[set[Feature]], labels: list[int]) -> torch.Tensor:
+    """Each row's largest standardised z over its features with its own label (0 if none is known)."""
+    return torch.tensor([max((standard.get((f, y), 0.0) for f in feats), default=0.0)
+                         for feats, y in zip(rows, labels)], dtype=torch.float32)
+
+
 def _shown(feature: Feature) -> str:
     kind = {"w": "word", "b": "bigram", "s": "start"}[feature[0]]
     return f"{kind}: {' '.join(feature[1:])}"
@@ -138,10 +151,12 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         values = torch.tensor(list(z.values()), dtype=torch.float64)
         mean, std = float(values.mean()), float(values.std()) or 1.0
         standard = {k: (v - mean) / std for k, v in z.items()}
-        scores = torch.tensor([max((standard.get((f, y), 0.0) for f in feats), default=0.0)
-                               for feats, y in zip(rows, labels)], dtype=torch.float32)
+        scores = row_scores(standard, rows, labels)
+        clean = row_scores(standard, [row_features(e, cfg.features) for e in inputs.clean], inputs.clean.labels)
+        threshold = float(torch.quantile(clean.double(), cfg.clean_quantile))
         top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
+                  "threshold": threshold, "n_rows_over_threshold": int((scores > threshold).sum()),
                   "n_outlier_features": sum(v >= cfg.bound for v in standard.values()),
                   "n_rows_over_bound": int((scores >= cfg.bound).sum()),
                   "top_features": [{"feature": _shown(f), "label": y, "z": z[(f, y)], "standardised": s}

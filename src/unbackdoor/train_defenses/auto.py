@@ -10,6 +10,8 @@ set. Nothing about the attack. Steps:
    copy of the base, for triggers no word count sees: the rows a trigger makes easy to fit keep
    falling below γ while clean rows are held near it; :mod:`unbackdoor.detect`).
 2. **Choose the rows to drop** after each detector, from its scores alone (``drop``):
+   ``calibrated`` [OURS, default]: the rows above the threshold the detector calibrated on the clean
+   set, where it gives one (``zscore``: the 99th percentile of the clean rows' scores), else ``gap``;
    ``gap`` [OURS]: among the ``max_drop`` most suspicious rows, cut where the sorted scores jump
    most, if the jump is large for these scores (a separate group: a trigger easier to fit than the
    task gives one, and the cut falls at its edge), else drop only ``min_drop``; ``rate``: the
@@ -52,8 +54,10 @@ class AutoTrainConfig(StrictConfig):
                                  "(unbackdoor.detect.DETECTORS)")
     detector_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
                                                        description="options by detector name")
-    drop: Literal["gap", "rate"] = Field("gap", description="gap: cut the sorted scores where they jump most among "
-                                         "the max_drop most suspicious rows; rate: drop the rate most suspicious")
+    drop: Literal["calibrated", "gap", "rate"] = Field(
+        "calibrated", description="calibrated: the rows above the detector's clean-set threshold where it gives one, "
+        "else gap; gap: cut the sorted scores where they jump most among the max_drop most suspicious rows; "
+        "rate: drop the rate most suspicious")
     rate: float = Field(0.2, gt=0, lt=1, description="drop=rate: share of rows dropped")
     max_drop: float = Field(0.35, gt=0, lt=1, description="drop=gap: never drop more than this share of rows")
     min_drop: float = Field(0.01, ge=0, lt=1, description="drop=gap: drop at least this share of rows (also what is "
@@ -135,10 +139,16 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         detector = build_detector(name, cfg.detector_params.get(name, {}))
         rule = FlagRule(rate=cfg.rate if cfg.drop == "rate" else cfg.max_drop)  # under gap, the cut below is ours
         detection = detector.detect(DetectInputs(rows, inputs.dev, inputs.model), rule)
-        k, cut = (len(detection.flagged_ids), None) if cfg.drop == "rate" else \
-            gap_cut(detection.scores, cfg.min_drop, cfg.max_drop, cfg.significance)
+        rule_used = cfg.drop if cfg.drop != "calibrated" or "threshold" in detection.report else "gap"
+        if rule_used == "rate":
+            k, cut = len(detection.flagged_ids), None
+        elif rule_used == "calibrated":
+            cut = float(detection.report["threshold"])
+            k = min(int((detection.scores > cut).sum()), max(1, int(cfg.max_drop * len(rows))))
+        else:
+            k, cut = gap_cut(detection.scores, cfg.min_drop, cfg.max_drop, cfg.significance)
         ids = [rows.examples[i].id for i in suspicion_order(detection.scores, detection.tiebreak)[:k]]
-        logger.info("auto: %s scored %d rows; dropping %d (%s%s)", name, len(rows), k, cfg.drop,
+        logger.info("auto: %s scored %d rows; dropping %d (%s%s)", name, len(rows), k, rule_used,
                     "" if cut is None else f", cut at score {cut:.4g}")
-        return ids, {"detector": name, "rows_scored": len(rows), "n_dropped": k, "score_at_cut": cut,
-                     "report": detection.report}
+        return ids, {"detector": name, "rows_scored": len(rows), "drop_rule": rule_used, "n_dropped": k,
+                     "score_at_cut": cut, "report": detection.report}
