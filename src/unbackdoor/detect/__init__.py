@@ -46,6 +46,8 @@ __all__ = [
     "ReweightConfig",
     "ReweightDetector",
     "Scores",
+    "ZScoreConfig",
+    "ZScoreDetector",
     "auroc",
     "build_levels",
     "detection_metrics",
@@ -56,6 +58,4 @@ __all__ = [
     "scores_file_metrics",
     "sentence_features",
     "standardise",
-    "ZScoreConfig",
-    "ZScoreDetector",
 ]
