@@ -13,7 +13,7 @@ import torch
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
 from unbackdoor.purify import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.purify.auto import AutoPurify, AutoPurifyConfig
+from unbackdoor.purify.auto import AutoPurify, AutoPurifyConfig, epur_step
 from unbackdoor.train_defenses import TRAIN_DEFENSES, TrainInputs
 from unbackdoor.train_defenses.auto import AutoTrain, AutoTrainConfig, gap_cut
 
@@ -35,7 +35,8 @@ def test_auto_is_registered_and_its_api_has_no_slot_for_the_attack() -> None:
 def test_purify_auto_resets_standing_out_embeddings_first_and_removes_the_backdoor(planted) -> None:  # noqa: ANN001
     victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
     before = evaluate_classifier(victim, planted.task.test, planted.poisoned.triggered_test)
-    config = AutoPurifyConfig(encoder_params={"train": {**FAST, "epochs": 5}})
+    # scan's rule: the tiny vocabulary has 44 scored rows, fewer than E-PUR's default top 200
+    config = AutoPurifyConfig(epur_rule="scan", encoder_params={"train": {**FAST, "epochs": 5}})
     result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=planted.clean, base=base))
     choices = result.report["choices"]
     assert set(choices["scan"]["standing_out"]) & {"cf", "mn", "bb", "tq"}  # the trigger rows drifted
@@ -43,6 +44,14 @@ def test_purify_auto_resets_standing_out_embeddings_first_and_removes_the_backdo
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert before.asr >= 0.8 and after.asr <= 0.2, (before.asr, after.asr)
     assert after.cacc >= before.cacc - 0.05
+
+
+def test_purify_auto_embedding_step_rules() -> None:
+    always, scan = AutoPurifyConfig(), AutoPurifyConfig(epur_rule="scan")
+    assert epur_step(0, always) == [("e-pur", {"n_reset": 200, "finetune": False})]  # E-PUR's own top rows
+    assert epur_step(350, always)[0][1]["n_reset"] == 350  # at least every row scan flags
+    assert epur_step(0, AutoPurifyConfig(epur_params={"n_reset": 50}))[0][1]["n_reset"] == 50
+    assert epur_step(0, scan) == [] and epur_step(3, scan) == [("e-pur", {"n_reset": 3, "finetune": False})]
 
 
 def test_purify_auto_without_a_base_falls_back_to_clean_finetuning(planted) -> None:  # noqa: ANN001

@@ -44,8 +44,8 @@ from pydantic import Field
 from unbackdoor.config import StrictConfig
 from unbackdoor.data.types import Example
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
-from unbackdoor.detect.features import Pooling
-from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy, representations
+from unbackdoor.detect.features import Pooling, representations
+from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.config import TrainConfig, victim_train_config
 from unbackdoor.training.config import merge_train

@@ -40,8 +40,8 @@ from pydantic import Field, model_validator
 
 from unbackdoor.config import StrictConfig
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
-from unbackdoor.detect.features import Pooling
-from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy, representations
+from unbackdoor.detect.features import Pooling, representations
+from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy
 from unbackdoor.training.config import TrainConfig, victim_train_config
 from unbackdoor.training.config import merge_train
 

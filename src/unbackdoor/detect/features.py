@@ -16,15 +16,17 @@ the attacker level is in these units).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from unbackdoor.data.types import Dataset, require_clean_dataset
+from unbackdoor.data.types import Dataset, Example, require_clean_dataset
 from unbackdoor.detect.base import DetectInputs
 from unbackdoor.inference import collate, encode, length_sorted_batches
 from unbackdoor.models.loading import Classifier
+from unbackdoor.precision import autocast
 
 logger = logging.getLogger(__name__)
 
@@ -39,26 +41,35 @@ def _pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: Pooling) -> torch.T
 
 
 @torch.no_grad()
-def sentence_features(clf: Classifier, data: Dataset, pooling: Pooling = "mean", batch_size: int = 64) -> torch.Tensor:
-    """One pooled feature vector per row of ``data`` (float32, CPU, row order), from ``clf``'s
-    encoder in eval mode."""
-    require_clean_dataset(data, "rows to featurise")
+def representations(clf: Classifier, examples: Sequence[Example], pooling: Pooling = "cls",
+                    batch_size: int = 64) -> torch.Tensor:
+    """One pooled last-hidden-state vector per example (float32, CPU, input order), from ``clf``'s
+    encoder in eval mode, under the classifier's precision (bf16 autocast where it runs in bf16)."""
     model = clf.model
     was_training = model.training
     model.eval()
     body = model.base_model
     device = next(model.parameters()).device
-    feats = encode(clf, data.examples)
+    feats = encode(clf, examples)
     out: torch.Tensor | None = None
     for batch in length_sorted_batches([len(f["input_ids"]) for f in feats], batch_size):
         inputs = {k: v.to(device) for k, v in collate(clf, [feats[i] for i in batch]).items()}
-        hidden = body(**inputs).last_hidden_state
-        pooled = _pool(hidden, inputs["attention_mask"], pooling).float().cpu()
+        with autocast(clf.precision, device):
+            hidden = body(**inputs).last_hidden_state
+        pooled = _pool(hidden.float(), inputs["attention_mask"], pooling).cpu()
         if out is None:
             out = torch.zeros(len(feats), pooled.shape[1])
         out[batch] = pooled
     model.train(was_training)
     assert out is not None
+    return out
+
+
+def sentence_features(clf: Classifier, data: Dataset, pooling: Pooling = "mean", batch_size: int = 64) -> torch.Tensor:
+    """One pooled feature vector per row of ``data`` (float32, CPU, row order), from ``clf``'s
+    encoder in eval mode."""
+    require_clean_dataset(data, "rows to featurise")
+    out = representations(clf, data.examples, pooling, batch_size)
     logger.info("features: %d rows x %d dims (%s pooling)", out.shape[0], out.shape[1], pooling)
     return out
 

@@ -24,9 +24,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from unbackdoor.data.types import Dataset, Example
-from unbackdoor.detect.features import Pooling, _pool
-from unbackdoor.inference import collate, encode, length_sorted_batches, predict_logits
+from unbackdoor.data.types import Dataset
+from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.callbacks import Callback
 from unbackdoor.training.config import TrainConfig
@@ -52,28 +51,6 @@ def fine_tuned_copy(encoder: Classifier, rows: Dataset, train: TrainConfig,
                 encoder.source or "the encoder", len(rows), result.steps,
                 result.history[-1]["train_loss"] if result.history else float("nan"))
     return clf, result
-
-
-@torch.no_grad()
-def representations(clf: Classifier, examples: Sequence[Example], pooling: Pooling = "cls",
-                    batch_size: int = 64) -> torch.Tensor:
-    """One pooled last-hidden-state vector per example (float32, CPU, input order), model in eval mode."""
-    model = clf.model
-    was_training = model.training
-    model.eval()
-    body = model.base_model
-    device = next(model.parameters()).device
-    feats = encode(clf, examples)
-    out: torch.Tensor | None = None
-    for batch in length_sorted_batches([len(f["input_ids"]) for f in feats], batch_size):
-        inputs = {k: v.to(device) for k, v in collate(clf, [feats[i] for i in batch]).items()}
-        pooled = _pool(body(**inputs).last_hidden_state, inputs["attention_mask"], pooling).float().cpu()
-        if out is None:
-            out = torch.zeros(len(feats), pooled.shape[1])
-        out[batch] = pooled
-    model.train(was_training)
-    assert out is not None
-    return out
 
 
 def row_losses(clf: Classifier, data: Dataset, batch_size: int = 128) -> torch.Tensor:

@@ -7,10 +7,13 @@ Steps, each choice logged and recorded in the report (``unbackdoor.json``'s ``de
 
 1. **Scan** (:func:`unbackdoor.scan.scan` without the weight summaries): the suspect's word-embedding
    rows against the base's, scored for their drift given their frequency in the clean set.
-2. **Embeddings first** when rows stand out (scan's rule): a trigger word whose embedding row
-   drifted far more than words in clean use is what embedding poisoning leaves, and what clean data
-   cannot reach (its row gets no gradient). Then E-PUR's reset of exactly those rows to the base runs
-   first (``before``: as ``--epur``), without fine-tuning.
+2. **Embeddings first**: a trigger word whose embedding row drifted far more than words in clean use
+   is what embedding poisoning leaves, and what clean data cannot reach (its row gets no gradient).
+   ``epur_rule=always`` (default): E-PUR's bare reset of its own top ``n_reset`` rows (and at least
+   every row scan flags) runs first (``before``: as ``--epur``), without fine-tuning. ``scan``: only
+   when rows stand out by scan's rule, resetting exactly those. On the OLID development grid scan's
+   rule flagged no row for BadNets and purify-auto kept ASR 25/93 % (dirty/clean-label), where the
+   reset before Fine-purifying reached 7/11 % (``docs/results/auto.md``).
 3. **The encoder**: ``encoder_method`` (default Fine-purifying: reset the dimensions whose drift is
    abnormal for their clean curvature, then clean fine-tuning); with ``after_epur=finetune``, when
    E-PUR ran the encoder step is plain clean fine-tuning instead.
@@ -39,6 +42,10 @@ class AutoPurifyConfig(StrictConfig):
     after_epur: Literal["encoder_method", "finetune"] = Field(
         "encoder_method", description="when E-PUR ran: the encoder method as well, or plain clean fine-tuning")
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR's options for the embedding step")
+    epur_rule: Literal["always", "scan"] = Field(
+        "always", description="always: E-PUR's own reset (its top n_reset rows, at least every row scan flags) before "
+        "the encoder method; scan: E-PUR only when scan flags rows, resetting exactly those. Chosen on the OLID "
+        "development grid (docs/results/auto.md): scan's rule missed BadNets' rows there")
     margin: float = Field(1.5, gt=1, description="scan's rule: a row stands out at this multiple of the best score "
                           "among tokens in clean use")
 
@@ -56,13 +63,14 @@ class AutoPurify(PurifyDefense[AutoPurifyConfig]):
             choices = {"base": False, "steps": ["finetune"], "why": "no base: clean fine-tuning only"}
             return self._run("finetune", {}, [], inputs, work_dir, choices)
         signals = embedding_signals(inputs, cfg.margin)  # step 1
-        n_out = len(signals["standing_out"])  # step 2: reset exactly the rows that stand out (unless told how many)
-        before = [("e-pur", {"n_reset": n_out, **cfg.epur_params, "finetune": False})] if n_out else []
+        n_out = len(signals["standing_out"])  # step 2: reset the standing-out rows (and E-PUR's own top rows)
+        before = epur_step(n_out, cfg)
         method, params = cfg.encoder_method, cfg.encoder_params  # step 3
         if before and cfg.after_epur == "finetune":
             method, params = "finetune", {}
         choices = {"base": True, "scan": signals, "steps": [*(n for n, _ in before), method],
-                   "why": ("embedding rows stand out: E-PUR first" if before else "no embedding row stands out")
+                   "why": (f"{n_out} embedding rows stand out" if n_out else "no embedding row stands out")
+                   + ("; E-PUR first" if before else "")
                    + f"; then {method}"}
         return self._run(method, params, before, inputs, work_dir, choices)
 
@@ -73,6 +81,15 @@ class AutoPurify(PurifyDefense[AutoPurifyConfig]):
         result = plan.run(inputs, work_dir)
         result.report = {"method": self.name, "choices": choices, "steps": result.report}
         return result
+
+
+def epur_step(n_out: int, cfg: AutoPurifyConfig) -> list[tuple[str, dict[str, Any]]]:
+    """The embedding step: E-PUR's bare reset (no fine-tuning of its own; the encoder method follows)."""
+    if cfg.epur_rule == "scan":
+        return [("e-pur", {"n_reset": n_out, **cfg.epur_params, "finetune": False})] if n_out else []
+    own = PURIFY_DEFENSES.get("e-pur").config_class(**{**cfg.epur_params, "finetune": False}).n_reset
+    n_reset = max(n_out, own)
+    return [("e-pur", {**cfg.epur_params, "n_reset": n_reset, "finetune": False})]
 
 
 def embedding_signals(inputs: PurifyInputs, margin: float) -> dict[str, Any]:
