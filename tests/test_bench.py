@@ -346,3 +346,13 @@ def test_cli_seed_outside_the_grid_exits_2(tmp_path: Path, inputs: tuple[Path, P
     config = write_grid(tmp_path / "grid.yaml", *inputs)
     code, _, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run"), "--seed", "7"], capsys)
     assert code == 2 and "--seed 7: not among the config's seeds (0)" in err
+
+
+def test_purify_cells_hand_the_base_to_methods_that_use_one() -> None:
+    from unbackdoor.bench.config import PurifyDefenseSpec
+    from unbackdoor.bench.runner import gives_base
+
+    spec = lambda method, **kw: PurifyDefenseSpec(kind="purify", name=method, method=method, **kw)  # noqa: E731
+    assert gives_base(spec("auto"))  # optional for auto (without one it falls back to fine-tuning): given
+    assert gives_base(spec("fine-purifying")) and gives_base(spec("finetune", epur=True))
+    assert not gives_base(spec("finetune")) and not gives_base(spec("tsbd"))  # they ignore it: cells unchanged

@@ -223,21 +223,29 @@ def _base(config: dict[str, Any]) -> str:
     return config["model"] or "default"
 
 
+def gives_base(spec: PurifyDefenseSpec) -> bool:
+    """Whether a purify cell hands the clean base to its method: when the method needs it or can use it
+    (``auto``), or E-PUR runs first. The bench's defender holds the base; methods that ignore it do not
+    get it, so their cells stay what they were."""
+    from unbackdoor.purify.base import PURIFY_DEFENSES
+
+    method = PURIFY_DEFENSES.get(spec.method)
+    return method.needs_base or method.uses_base or spec.epur
+
+
 def run_purify_defense(run_dir: Path, config: dict[str, Any], cid: str) -> dict[str, Any]:
     """``unbackdoor purify`` of the victim with a seeded clean set, then evaluation."""
     from unbackdoor.commands import PurifyCommand, run_purify
-    from unbackdoor.purify.base import PURIFY_DEFENSES
     from unbackdoor.data.sampling import CleanSetConfig
 
     spec = PurifyDefenseSpec.model_validate(config["defence"])
     out = model_dir(run_dir, cid) / "model"
     data = victim_data(run_dir, config)
     if not out.exists():
-        needs_base = PURIFY_DEFENSES.get(spec.method).needs_base or spec.epur
         clean_set = CleanSetConfig(fraction=spec.clean_fraction, size=spec.clean_size, seed=config["seed"])
         run_purify(PurifyCommand(
             model=str(model_dir(run_dir, config["victim"]) / "model"), clean=config["dataset"]["spec"],
-            clean_set=clean_set, base=_base(config) if needs_base else None, method=spec.method, params=spec.params,
+            clean_set=clean_set, base=_base(config) if gives_base(spec) else None, method=spec.method, params=spec.params,
             epur=spec.epur, out=str(out), precision=_precision(config)))
     return _evaluate(config, out, data)
 

@@ -54,6 +54,8 @@ class AutoPurifyConfig(StrictConfig):
 class AutoPurify(PurifyDefense[AutoPurifyConfig]):
     """Scan first; reset standing-out embedding rows (E-PUR) if any; then the encoder-level method."""
 
+    uses_base = True  # with a base: E-PUR and Fine-purifying; without: clean fine-tuning
+
     name = "auto"
     config_class = AutoPurifyConfig
 

@@ -60,6 +60,7 @@ class PurifyDefense(Method[C], ABC):
     """A defence for the purify situation."""
 
     needs_base: ClassVar[bool] = False
+    uses_base: ClassVar[bool] = False  # an optional base changes what it does: callers that hold one give it
 
     def purify(self, inputs: PurifyInputs, work_dir: str | Path | None = None) -> PurifyResult:
         """Purify ``inputs.suspect`` (modified in place and returned)."""
