@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from unbackdoor.data import Dataset, Example
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier
 from unbackdoor.purify import PURIFY_DEFENSES, PurifyInputs
 from unbackdoor.purify.auto import AutoPurify, AutoPurifyConfig, epur_step
 from unbackdoor.train_defenses import TRAIN_DEFENSES, TrainInputs
-from unbackdoor.train_defenses.auto import AutoTrain, AutoTrainConfig, gap_cut
+from unbackdoor.train_defenses.auto import AutoTrain, AutoTrainConfig, gap_cut, label_balance
 
 FORBIDDEN = {"flags", "poison_flags", "trigger", "target", "target_label", "triggered", "poisoned", "attack"}
 FAST = {"epochs": 3, "batch_size": 16, "learning_rate": 1e-3, "progress": False}
@@ -87,9 +88,11 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     """CUBE's minority clusters form the separate group on the tiny task: the cut falls at its edge
     (most poisoned rows dropped, few clean ones), and the model retrained on the rest is clean."""
     train = {**FAST, "epochs": 10, "seed": 1}
-    config = AutoTrainConfig(detectors=["cube"], detector_params={"cube": {"train": {**FAST, "epochs": 2}}}, train=train)
+    config = AutoTrainConfig(detectors=["cube"], detector_params={"cube": {"train": {**FAST, "epochs": 2}}}, train=train,
+                             balance="dev")
     result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
     dropped = set(result.report["dropped_ids"])
+    assert set(result.report["choices"]["label_shares"]) == {"kept", "dev"}  # the retraining was reweighted
     poisoned = planted.poisoned.flags.poisoned_ids
     assert len(dropped & poisoned) >= 0.8 * len(poisoned) and len(dropped) <= 1.5 * len(poisoned), len(dropped)
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
@@ -127,3 +130,13 @@ def test_bad_auto_options_fail_before_any_work(params: dict, message: str) -> No
 
     with pytest.raises(ConfigError, match=message):
         build_train_defense("auto", params)
+
+
+def test_label_balance_weighs_the_kept_rows_as_the_clean_dev_labels() -> None:
+    kept = Dataset([Example(str(i), "x", 1 if i < 6 else 0) for i in range(8)], name="kept", num_labels=2)  # 75 % label 1
+    dev = Dataset([Example(f"d{i}", "x", i % 2) for i in range(10)], name="dev", num_labels=2)  # 50 %
+    weights, shares = label_balance(kept, dev)
+    assert shares == {"kept": {0: 0.25, 1: 0.75}, "dev": {0: 0.5, 1: 0.5}}
+    assert sum(weights) == pytest.approx(len(kept))  # mean weight 1
+    by_label = {y: sum(w for w, e in zip(weights, kept, strict=True) if e.label == y) for y in (0, 1)}
+    assert by_label[0] == pytest.approx(by_label[1])  # each label weighs as in dev

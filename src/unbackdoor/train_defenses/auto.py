@@ -17,7 +17,9 @@ set. Nothing about the attack. Steps:
    task gives one, and the cut falls at its edge), else drop only ``min_drop``; ``rate``: the
    ``rate`` most suspicious rows. Every choice is logged.
 3. **Retrain** the base on the remaining rows with the victim recipe, the epoch chosen on clean dev
-   accuracy (the rows the detectors trained on are never used for selection).
+   accuracy (the rows the detectors trained on are never used for selection). ``balance=dev``
+   [OURS]: weight each kept row's loss by p_dev(y) / p_kept(y), as dropping a dirty-label attack's
+   rows (non-target text labelled as the target) leaves the target label over-represented.
 
 The report (``unbackdoor.json``'s ``defense``) records each detector's report, the drop rule, the
 score at each cut, how many rows were dropped and which.
@@ -26,6 +28,7 @@ score at each cut, how many rows were dropped and which.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +67,10 @@ class AutoTrainConfig(StrictConfig):
                             "dropped when no separate group shows)")
     significance: float = Field(0.25, gt=0, description="drop=gap: a jump counts as a group's edge when it is at "
                                 "least this many interquartile ranges of the scores")
+    balance: Literal["none", "dev"] = Field(
+        "none", description="dev: weight the kept rows' loss so their label shares match the clean dev set's "
+        "(dropping a dirty-label attack's rows leaves the target label over-represented); none: plain retraining. "
+        "Default chosen on the development grid (docs/results/auto.md)")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
                                       "(3 epochs, batch 32, lr 1e-4)")
 
@@ -121,12 +128,13 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
                     ", ".join(f"{s['detector']} {s['n_dropped']}" for s in steps), len(kept))
         restore_state(inputs.model.model, start)  # step 3: from the base, on the rows kept
         train = self.train_config(inputs.model)
+        weights, shares = label_balance(kept, inputs.dev) if cfg.balance == "dev" else (None, None)
         training = train_classifier(inputs.model, kept, train, dev=inputs.dev, callbacks=observers, work_dir=work_dir,
                                     fingerprint={"defense": self.name, "config": cfg.model_dump(mode="json"),
-                                                 "dropped": dropped})
+                                                 "dropped": dropped}, sample_weights=weights)
         report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
                   "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
-                              "share_dropped": len(dropped) / len(inputs.rows),
+                              "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
                               "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
                   "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
                   "n_trained": len(kept), "selected_epoch": training.best_epoch,
@@ -152,3 +160,16 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
                     "" if cut is None else f", cut at score {cut:.4g}")
         return ids, {"detector": name, "rows_scored": len(rows), "drop_rule": rule_used, "n_dropped": k,
                      "score_at_cut": cut, "report": detection.report}
+
+
+def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, dict[int, float]]]:
+    """Per-row loss weights w(y) = p_dev(y) / p_kept(y) (mean weight 1 over the kept rows), so the kept
+    rows weigh as the clean dev set's label shares; and both shares, for the report."""
+    def shares(labels: list[int]) -> dict[int, float]:
+        counts = Counter(labels)
+        return {y: counts[y] / len(labels) for y in sorted(counts)}
+
+    p_kept, p_dev = shares(list(kept.labels)), shares(list(dev.labels))
+    weights = [p_dev.get(y, 0.0) / p_kept[y] for y in kept.labels]
+    mean = sum(weights) / len(weights)
+    return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
