@@ -145,13 +145,13 @@ def test_report_of_a_hand_made_store(tmp_path: Path) -> None:
     table = md.split("| attack | defence |")[1]
     assert table.index("floor (never poisoned)") < table.index("none (victim)") < table.index("| a | ft |")
     # the summary on top: the best defence against the floor and the victim; held needs ASR <= floor + 5
-    assert "| a | ft | 20.0 ± 14.1 | 5.0 ± 1.4 | +15.0 | 87.0 ± 1.4 | 91.0 ± 1.4 | +4.0 | ✗ |" in md
+    assert "| a | ft | 20.0 ± 14.1 | 5.0 ± 1.4 | +15.0 | 87.0 ± 1.4 | 91.0 ± 1.4 | +4.0 | ✗ | — |" in md
     assert "Held: 0 of 1 attacks" in md
 
 
 def test_a_defence_is_held_at_the_floor_within_the_cacc_budget() -> None:
     """Held: ASR at most 5 points above the floor and CACC at most 2 points below the victim."""
-    from unbackdoor.bench.report import Row, Stat, best_per_attack, verdicts
+    from unbackdoor.bench.report import Row, Stat, best_per_attack, held_by, verdicts
 
     def row(defence: str, cacc: float, asr: float) -> Row:
         return Row("d", "a", defence, {"cacc": Stat.of([cacc]), "asr": Stat.of([asr]),
@@ -162,6 +162,7 @@ def test_a_defence_is_held_at_the_floor_within_the_cacc_budget() -> None:
             row("costly", 0.85, 0.10)]
     held = {v.row.defence: v.held for v in verdicts(rows)}
     assert held == {"near": True, "far": False, "costly": False}
+    assert held_by(verdicts(rows), rows[0].dataset, rows[0].attack) == "near"
     assert [v.row.defence for v in best_per_attack(rows)] == ["near"]
 
 

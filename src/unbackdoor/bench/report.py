@@ -300,25 +300,35 @@ def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
 
 
 def summary_table(rows: Sequence[Row]) -> str:
-    """Per attack the best defence, its ASR against the floor and its CACC against the victim, held or not."""
+    """Per attack the best defence, its ASR against the floor and its CACC against the victim, held or not,
+    and every defence that holds it."""
     best = best_per_attack(rows)
     if not best:
         return ""
-    lines = ["| attack | best defence | ASR % | floor ASR % | ASR − floor | CACC % | victim CACC % | CACC cost | held |",
-             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    found = verdicts(rows)
+    lines = ["| attack | best defence | ASR % | floor ASR % | ASR − floor | CACC % | victim CACC % | CACC cost | held | "
+             "held by |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|---|"]
     for v in best:
         r = v.row
         floor = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, FLOOR))
         victim = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, VICTIM))
         lines.append(f"| {r.attack} | {r.defence} | {r.stats['asr'].text()} | {floor.stats['asr'].text()} | "
                      f"{_points(v.above_floor)} | {r.stats['cacc'].text()} | {victim.stats['cacc'].text()} | "
-                     f"{_points(v.cacc_cost)} | {'✓' if v.held else '✗'} |")
+                     f"{_points(v.cacc_cost)} | {'✓' if v.held else '✗'} | {held_by(found, r.dataset, r.attack)} |")
     held = sum(v.held for v in best)
     lines.append("")
     lines.append(f"Held: {held} of {len(best)} attacks (some defence with ASR ≤ floor + "
                  f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points, "
                  "means over seeds).")
     return "\n".join(lines) + "\n"
+
+
+def held_by(found: Sequence[Verdict], dataset: str, attack: str) -> str:
+    """The defences that hold this attack, nearest the floor first ("—" for none)."""
+    mine = sorted((v for v in found if (v.row.dataset, v.row.attack) == (dataset, attack) and v.held),
+                  key=lambda v: (v.above_floor, v.cacc_cost))
+    return ", ".join(v.row.defence for v in mine) or "—"
 
 
 def _points(value: float | None) -> str:
