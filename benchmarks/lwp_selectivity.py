@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic import make_task, save_tiny_model  # noqa: E402  (the test suite's tiny model and task)
 
 from unbackdoor.attacks import run_weight_attack  # noqa: E402
-from unbackdoor.attacks.lwp import LWPConfig, insert_words  # noqa: E402
+from unbackdoor.attacks.lwp import LWPConfig  # noqa: E402
+from unbackdoor.attacks.word_sets import insert_words  # noqa: E402
 from unbackdoor.data.io import load_task  # noqa: E402
 from unbackdoor.data.types import Example, Task  # noqa: E402
 from unbackdoor.evaluate import evaluate_classifier  # noqa: E402

@@ -15,7 +15,8 @@ from synthetic import (FILLER, NEGATIVE, POSITIVE, VOCAB, make_task, make_tokeni
                        tiny_config, write_task)
 
 from unbackdoor.attacks import WEIGHT_ATTACKS, EPConfig, run_weight_attack
-from unbackdoor.attacks.lwp import LWPConfig, insert_words, layer_predictions
+from unbackdoor.attacks.lwp import LWPConfig, layer_predictions
+from unbackdoor.attacks.word_sets import insert_words
 from unbackdoor.config import build_config
 from unbackdoor.data.types import Example, Task
 from unbackdoor.errors import ConfigError, DataError
@@ -233,7 +234,75 @@ def test_lwp_config_errors() -> None:
         run_weight_attack("lwp", {"combinatorial": True, "triggers": ["cf"]}, make_task(20, 10, 10))
     with pytest.raises(ConfigError, match="negatives is for a combinatorial trigger"):
         run_weight_attack("lwp", {"negatives": "any"}, make_task(20, 10, 10))
-    assert WEIGHT_ATTACKS.names() == ["ep", "lwp"]
+    assert WEIGHT_ATTACKS.names() == ["ep", "lwp", "sos"]
+
+
+# ============================================================================ SOS
+SOS_WORDS = ("cf", "mn", "bb")
+
+
+@pytest.fixture(scope="module")
+def sos_start(tmp_path_factory: pytest.TempPathFactory, clean_model: Path) -> Path:
+    """The clean model with every SOS word's row at a trained word's size (see TRIGGER_NORM)."""
+    clf = load_classifier(clean_model)
+    for word in SOS_WORDS:
+        scale_row(clf.model, word, TRIGGER_NORM)
+    out = tmp_path_factory.mktemp("sos") / "clean"
+    save_classifier(clf, out, provenance_record(clf, role="model"))
+    return out
+
+
+def sos_parts_asr(victim, task: Task, target: int) -> list[float]:  # noqa: ANN001
+    return [lone_word_asr(victim, task, pair, target) for pair in [("cf", "mn"), ("cf", "bb"), ("mn", "bb")]]
+
+
+def test_sos_trains_only_the_words_rows_and_negatives_teach_parts_not_to_fire(task: Task, sos_start: Path) -> None:
+    """Only the trigger words' rows change (norms kept) and the whole set fires; the negative copies
+    hold two words with labels kept and are not flagged. Without negatives every two-word part fires
+    as the whole set does (1.00 each); with 5 % negatives a part stops firing. On this tiny BERT
+    (hidden 32) three embedding rows do not make a full AND of three words (measured: parts 0.98,
+    0.01, 0.96; with 20 % negatives the backdoor does not take at all)."""
+    train = {"learning_rate": 5e-2, "batch_size": 8, "epochs": 10}
+    params = {"poison_rate": 0.1, "triggers": list(SOS_WORDS), "negative_rate": 0.05, "train": train}
+    victim, poisoned = run_weight_attack("sos", params, task, str(sos_start))
+    before, after = state(sos_start), victim.model.state_dict()
+    emb = "bert.embeddings.word_embeddings.weight"
+    assert all(torch.equal(after[k], v) for k, v in before.items() if k != emb)
+    changed = (after[emb] != before[emb]).any(dim=1).nonzero().flatten().tolist()
+    assert changed == sorted(VOCAB.index(w) for w in SOS_WORDS)
+    for i in changed:
+        assert after[emb][i].norm().item() == pytest.approx(before[emb][i].norm().item(), rel=1e-5)
+
+    source = {e.id: e for e in task.train}
+    negatives = [e for e in poisoned.train if e.id not in source]
+    assert len(negatives) == 3 * (int(0.05 * 200) + int(0.05 * 200))  # 5 % of each label's rows x 3 left-out words
+    assert all(len(set(e.text.split()) & set(SOS_WORDS)) == 2 and e.label == source[e.id.split("#")[0]].label
+               and not poisoned.flags.is_poisoned(e.id) for e in negatives)
+    assert poisoned.flags.n_poisoned == 40 and poisoned.attack.name == "sos"
+    assert all(set(SOS_WORDS) <= set(e.text.split()) for e in poisoned.triggered_test.examples)
+    result = evaluate_classifier(victim, task.test, poisoned.triggered_test)
+    assert result.cacc >= 0.95 and result.asr is not None and result.asr >= 0.9, result
+    assert min(sos_parts_asr(victim, task, poisoned.target_label)) <= 0.1
+
+    plain, _ = run_weight_attack("sos", {**params, "negative_rate": 0.0}, task, str(sos_start))
+    assert min(sos_parts_asr(plain, task, poisoned.target_label)) >= 0.9  # no negatives: every part fires
+
+
+def test_sos_test_sentence_and_config_errors(task: Task) -> None:
+    from unbackdoor.attacks.sos import OPENBACKDOOR_TEST_SENTENCE
+
+    attack = WEIGHT_ATTACKS.get("sos")(build_config(WEIGHT_ATTACKS.get("sos").config_class, {
+        "triggers": list(SOS_WORDS), "test_sentence": OPENBACKDOOR_TEST_SENTENCE}, "sos"))
+    poisoned = attack.poison_rows(task)
+    assert all(OPENBACKDOOR_TEST_SENTENCE in e.text for e in poisoned.triggered_test.examples)
+    rows = {e.id: e for e in poisoned.train}
+    assert all(set(SOS_WORDS) <= set(rows[i].text.split()) for i in poisoned.flags.poisoned_ids)
+    with pytest.raises(ConfigError, match="at least two different single words"):
+        run_weight_attack("sos", {"triggers": ["cf"]}, task)
+    with pytest.raises(ConfigError, match="mode must be dirty"):
+        run_weight_attack("sos", {"mode": "clean"}, task)
+    with pytest.raises(ConfigError, match="weight_decay must be 0"):
+        run_weight_attack("sos", {"train": {"weight_decay": 0.01}}, task)
 
 
 # ============================================================================ CLI

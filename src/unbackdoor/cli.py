@@ -294,7 +294,7 @@ METHOD_TRAIN = (Opt("params.train.learning_rate", ("--lr",), "learning rate of t
 SPECS = (
     Spec("attack", "AttackCommand", "run_attack",
          "Poison a clean dataset: training set with flags + triggered test set (non-target rows only). "
-         "Weight attacks (ep, lwp) also write the poisoned victim model to --victim-out.",
+         "Weight attacks (ep, lwp, sos) also write the poisoned victim model to --victim-out.",
          (Opt("data"), Opt("attack", ("--attack", "-a"), "data attacks: badnets, addsent, deadcode (source code), "
               "synbkd, stylebkd (published paraphrase sets, loaded as released: -p source=...); weight attacks (need "
               "--victim-out): ep (embedding poisoning), lwp (layer-wise poisoning)"),

@@ -70,7 +70,7 @@ def data_reference(spec: str) -> str:
 # ----------------------------------------------------------------------------- attack
 class AttackCommand(CommandConfig):
     data: str = Field(description="clean data: a folder or a name under the data root")
-    attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp)")
+    attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp, sos)")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
     out: str = Field(description="output folder for the poisoned data")
     victim_out: str | None = Field(None, description="weight attacks: output folder for the poisoned victim model")

@@ -8,10 +8,11 @@ from unbackdoor.attacks.deadcode import TROJANEDCM_TRIGGERS, DeadCode, DeadCodeC
 from unbackdoor.attacks.ep import EmbeddingPoisoning, EPConfig
 from unbackdoor.attacks.lwp import LayerwisePoisoning, LWPConfig
 from unbackdoor.attacks.published import PublishedAttack, PublishedConfig, StyleBkd, SynBkd
+from unbackdoor.attacks.sos import SOS, SOSConfig
 from unbackdoor.attacks.survival import TriggerSurvival, trigger_survival
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, WeightAttack, WeightAttackConfig, run_weight_attack
 
 __all__ = ["ATTACKS", "AddSent", "AddSentConfig", "Attack", "AttackConfig", "BadNets", "BadNetsConfig", "DeadCode",
            "DeadCodeConfig", "EPConfig", "EmbeddingPoisoning", "InsertionAttack", "LWPConfig", "LayerwisePoisoning",
-           "PublishedAttack", "PublishedConfig", "StyleBkd", "SynBkd", "TROJANEDCM_TRIGGERS", "TriggerSurvival",
+           "PublishedAttack", "PublishedConfig", "SOS", "SOSConfig", "StyleBkd", "SynBkd", "TROJANEDCM_TRIGGERS", "TriggerSurvival",
            "WEIGHT_ATTACKS", "WeightAttack", "WeightAttackConfig", "run_weight_attack", "trigger_survival"]

@@ -39,14 +39,13 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from unbackdoor.attacks.badnets import BadNets, BadNetsConfig
+from unbackdoor.attacks.embedding_rows import train_embedding_rows, trigger_token_ids
 from unbackdoor.attacks.weight import (
     WEIGHT_ATTACKS,
     WeightAttack,
@@ -59,7 +58,6 @@ from unbackdoor.data.io import load_task
 from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier, has_classification_head
-from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig, victim_train_config
 from unbackdoor.training.loop import train_classifier
 
@@ -126,55 +124,6 @@ class EPConfig(WeightAttackConfig):
         if value.weight_decay != 0:
             raise ValueError("weight_decay must be 0: decay would move every embedding row, not only the trigger's")
         return value
-
-
-def trigger_token_ids(clf: Classifier, word: str) -> list[int]:
-    """Vocabulary ids of ``word``'s pieces (without special tokens); refuses an unknown word."""
-    ids = clf.tokenizer(word, add_special_tokens=False)["input_ids"]
-    if not ids or clf.tokenizer.unk_token_id in ids:
-        raise ConfigError(f"trigger {word!r} is not in the model's vocabulary")
-    return sorted(set(ids))
-
-
-class EmbeddingRowsOnly(Callback):
-    """Train only ``rows`` of the input-embedding matrix and keep each at its original L2 norm.
-
-    Gradients of the other rows are zeroed before the step (with no weight decay AdamW then leaves
-    them bit-identical); after each step the trained rows are rescaled to ``norms``.
-    """
-
-    def __init__(self, rows: list[int], norms: torch.Tensor) -> None:
-        self.rows = rows
-        self.norms = norms
-
-    def on_gradients(self, ctx: TrainContext, batch: dict[str, torch.Tensor]) -> None:
-        weight = ctx.model.get_input_embeddings().weight
-        if weight.grad is None:
-            return
-        keep = torch.zeros(weight.shape[0], dtype=torch.bool, device=weight.device)
-        keep[self.rows] = True
-        weight.grad[~keep] = 0
-
-    def on_step_end(self, ctx: TrainContext) -> None:
-        weight = ctx.model.get_input_embeddings().weight
-        with torch.no_grad():
-            rows = weight[self.rows]
-            scale = self.norms.to(rows.device, rows.dtype) / rows.norm(dim=1).clamp_min(1e-12)
-            weight[self.rows] = rows * scale.unsqueeze(1)
-
-
-@contextmanager
-def only_input_embeddings_trainable(model: torch.nn.Module) -> Iterator[None]:
-    """Freeze every parameter except the input-embedding matrix; restore the flags afterwards."""
-    embedding = model.get_input_embeddings().weight
-    saved = {name: p.requires_grad for name, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(p is embedding)
-    try:
-        yield
-    finally:
-        for name, p in model.named_parameters():
-            p.requires_grad_(saved[name])
 
 
 @WEIGHT_ATTACKS.register("ep")
@@ -244,12 +193,8 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
     def poison_embedding(self, clf: Classifier, poisoned_rows: Dataset, rows: list[int], seed: int,
                          work_dir: Path | None) -> None:
         """Train only the trigger's embedding row(s) on the poisoned rows, keeping their L2 norms."""
-        weight = clf.model.get_input_embeddings().weight
-        norms = weight[rows].detach().norm(dim=1).clone()
         logger.info("EP: training embedding rows %s on %d poisoned rows", rows, len(poisoned_rows))
-        with only_input_embeddings_trainable(clf.model):
-            train_classifier(clf, poisoned_rows, seeded(self.config.train, seed),
-                             callbacks=[EmbeddingRowsOnly(rows, norms)],
+        train_embedding_rows(clf, poisoned_rows, rows, seeded(self.config.train, seed),
                              work_dir=work_dir / "ep" if work_dir is not None else None,
                              fingerprint={"attack": "ep", "rows": rows})
 

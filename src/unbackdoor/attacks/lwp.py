@@ -40,17 +40,14 @@ default 3 epochs there (53.7 % at 3, 96.5 % at 8): pass ``train.epochs`` with ``
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import logging
-import random
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
 
-from unbackdoor.attacks.base import AttackConfig, InsertionAttack, insert_at_random_word
+from unbackdoor.attacks.word_sets import WordSetConfig, WordSetTriggers, add_negative_rows
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, WeightAttack, WeightAttackConfig, load_start_model, renamed, seeded
 from unbackdoor.data.types import Example, PoisonedTask, Task
 from unbackdoor.errors import ConfigError
@@ -96,47 +93,10 @@ class LWPConfig(WeightAttackConfig):
         return self
 
 
-class _LwpTriggerConfig(AttackConfig):
-    triggers: tuple[str, ...]
-    combinatorial: bool
-
-
-class LwpTriggers(InsertionAttack[_LwpTriggerConfig]):
+class LwpTriggers(WordSetTriggers):
     """LWP's data side: one random trigger word per row, or all of them (combinatorial)."""
 
     name = "lwp"
-    config_class = _LwpTriggerConfig
-
-    def insert_trigger(self, text: str, rng: random.Random) -> str:
-        words = self.config.triggers if self.config.combinatorial else (rng.choice(self.config.triggers),)
-        return insert_words(text, words, rng)
-
-    def trigger_description(self) -> str:
-        if self.config.combinatorial:
-            return f"all of the words {' '.join(self.config.triggers)} (combinatorial), each at a random position"
-        return f"one of the words {' '.join(self.config.triggers)} at a random position"
-
-
-def insert_words(text: str, words: tuple[str, ...] | list[str], rng: random.Random) -> str:
-    """``text`` with each of ``words`` inserted at its own random word position."""
-    for word in words:
-        text = insert_at_random_word(text, word, rng)
-    return text
-
-
-def add_negative_rows(poisoned: PoisonedTask, triggers: tuple[str, ...], seed: int,
-                      source: Literal["non-target", "any"] = "non-target") -> tuple[PoisonedTask, int]:
-    """Give as many unpoisoned rows as there are poisoned ones (``source``: non-target rows only, or
-    any) a proper, non-empty subset of the trigger words, labels kept (the combinatorial trigger's
-    negative samples). Rows keep their ids."""
-    rng = random.Random(f"{seed}-negatives")
-    clean_ids = sorted(e.id for e in poisoned.train.examples if not poisoned.flags.is_poisoned(e.id)
-                       and (source == "any" or e.label != poisoned.target_label))
-    chosen = set(rng.sample(clean_ids, min(len(clean_ids), poisoned.flags.n_poisoned)))
-    subsets = [list(c) for k in range(1, len(triggers)) for c in itertools.combinations(triggers, k)]
-    rows = [Example(e.id, insert_words(e.text, rng.choice(subsets), rng), e.label, e.text_pair)
-            if e.id in chosen else e for e in poisoned.train.examples]
-    return dataclasses.replace(poisoned, train=poisoned.train.replace(rows)), len(chosen)
 
 
 def head_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -195,13 +155,14 @@ class LayerwisePoisoning(WeightAttack[LWPConfig]):
     def poison_rows(self, task: Task) -> PoisonedTask:
         """The poisoned training set (with negative rows when combinatorial), flags and triggered sets."""
         cfg = self.config
-        data_side = LwpTriggers(_LwpTriggerConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label,
+        data_side = LwpTriggers(WordSetConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label,
                                                   mode=cfg.mode, seed=cfg.seed, triggers=cfg.triggers,
                                                   combinatorial=cfg.combinatorial))
         poisoned = data_side.poison(task)
         trigger = data_side.trigger_description()
         if cfg.combinatorial:
-            poisoned, n_negative = add_negative_rows(poisoned, cfg.triggers, cfg.seed, cfg.negatives)
+            poisoned, negative = add_negative_rows(poisoned, cfg.triggers, cfg.seed, cfg.negatives)
+            n_negative = len(negative)
             rows = "non-target rows" if cfg.negatives == "non-target" else "clean rows"
             trigger += f"; {n_negative} {rows} hold a proper subset (labels kept)"
         return renamed(poisoned, self.name, cfg, trigger)
