@@ -356,3 +356,12 @@ def test_purify_cells_hand_the_base_to_methods_that_use_one() -> None:
     assert gives_base(spec("auto"))  # optional for auto (without one it falls back to fine-tuning): given
     assert gives_base(spec("fine-purifying")) and gives_base(spec("finetune", epur=True))
     assert not gives_base(spec("finetune")) and not gives_base(spec("tsbd"))  # they ignore it: cells unchanged
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.yaml")
+                                         if p.name != "tiny_grid.yaml"))  # a template: tests fill in its model and data
+def test_every_benchmark_config_validates(shared_data: Path, name: str) -> None:
+    """Every grid under benchmarks/ (the published ones, the development grids, the per-method grids)
+    validates whole and expands to distinct cells."""
+    cells = expand(load_bench_config(Path(__file__).resolve().parents[1] / "benchmarks" / name))
+    assert cells and len({c.id for c in cells}) == len(cells)

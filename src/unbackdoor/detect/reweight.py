@@ -25,7 +25,8 @@ Defaults [RECON]: first set by looking at detection AUROC on one SST-2 BadNets s
 ``pooling=cls`` and ``inner_steps=10`` were chosen on a development attack outside the benchmark's
 data sets (our AddSent, dirty label, 10 %, on OLID; 3,000 rows, 1 % clean rows, all-MiniLM-L6-v2):
 the best precision at a 10 % flag rate among ten candidates, 29.3 % vs 17.0 % for mean pooling with
-5 steps (AUROC 0.767 vs 0.621; ``python benchmarks/detect_grid.py pilot``, docs/results/detect.md).
+5 steps (AUROC 0.767 vs 0.621; measured with the retired ``benchmarks/detect_grid.py pilot``, now
+``benchmarks/detect_pilot_olid.yaml``; docs/results/detect.md).
 
 Score of a row: 1 − w_i (§4); rows with equal weights (several may sit at 0) are ranked by their
 last hypergradient. Rows start at ``init_weight`` (1.0: every row trusted).
