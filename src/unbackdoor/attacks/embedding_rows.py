@@ -3,6 +3,7 @@ word's embedding (EP, SOS) share this. Neutral helpers: no attack's own choices 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,12 +11,14 @@ from typing import Any
 
 import torch
 
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, Task
 from unbackdoor.errors import ConfigError
-from unbackdoor.models.loading import Classifier
+from unbackdoor.models.loading import Classifier, has_classification_head
 from unbackdoor.training.callbacks import Callback, TrainContext
 from unbackdoor.training.config import TrainConfig
 from unbackdoor.training.loop import train_classifier
+
+logger = logging.getLogger(__name__)
 
 
 def trigger_token_ids(clf: Classifier, word: str) -> list[int]:
@@ -68,6 +71,18 @@ def only_input_embeddings_trainable(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(saved[name])
+
+
+def needs_clean_finetune(clf: Classifier, rule: str) -> bool:
+    """Whether the attacker fine-tunes ``clf`` cleanly first: ``auto`` = only a model without a
+    classification head (a base), ``always``, ``never``."""
+    return not has_classification_head(clf.model.config) if rule == "auto" else rule == "always"
+
+
+def clean_finetune(clf: Classifier, task: Task, train: TrainConfig, work_dir: Path | None, who: str) -> None:
+    """The attacker's clean model: ``clf`` fine-tuned on ``task``'s clean training rows (epoch chosen on dev)."""
+    logger.info("%s: fine-tuning the clean model on %d clean rows", who, len(task.train))
+    train_classifier(clf, task.train, train, dev=task.dev, work_dir=work_dir / "clean" if work_dir is not None else None)
 
 
 def train_embedding_rows(clf: Classifier, rows_data: Dataset, rows: list[int], train: TrainConfig, *,

@@ -45,7 +45,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from unbackdoor.attacks.badnets import BadNets, BadNetsConfig
-from unbackdoor.attacks.embedding_rows import train_embedding_rows, trigger_token_ids
+from unbackdoor.attacks.embedding_rows import clean_finetune, needs_clean_finetune, train_embedding_rows, trigger_token_ids
 from unbackdoor.attacks.weight import (
     WEIGHT_ATTACKS,
     WeightAttack,
@@ -57,9 +57,8 @@ from unbackdoor.attacks.weight import (
 from unbackdoor.data.io import load_task
 from unbackdoor.data.types import AttackInfo, Dataset, Example, PoisonedTask, PoisonFlags, Task
 from unbackdoor.errors import ConfigError, DataError
-from unbackdoor.models.loading import Classifier, has_classification_head
+from unbackdoor.models.loading import Classifier
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.loop import train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -140,11 +139,11 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
         clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle,
                                precision=precision)
         rows = trigger_token_ids(clf, self.config.trigger)  # fail before any training
-        if self._needs_clean_finetune(clf):
+        if needs_clean_finetune(clf, self.config.clean_finetune):
             if self.config.data == "corpus":
                 raise ConfigError("data-free EP starts from a fine-tuned classifier (a model with a classification "
                                   "head): the attacker has no task rows to fine-tune a base on")
-            self.clean_finetune(clf, task, seed, work_dir)
+            clean_finetune(clf, task, seeded(self.config.clean_train, seed), work_dir, "EP")
         self.poison_embedding(clf, poisoned.train.select(poisoned.flags.poisoned_ids, "ep:poisoned-rows"), rows,
                               seed, work_dir)
         return clf, poisoned
@@ -178,17 +177,6 @@ class EmbeddingPoisoning(WeightAttack[EPConfig]):
         cfg = self.config
         return BadNets(BadNetsConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label, mode=cfg.mode,
                                      seed=cfg.seed, triggers=(cfg.trigger,), num_triggers=1))
-
-    def _needs_clean_finetune(self, clf: Classifier) -> bool:
-        if self.config.clean_finetune == "auto":
-            return not has_classification_head(clf.model.config)
-        return self.config.clean_finetune == "always"
-
-    def clean_finetune(self, clf: Classifier, task: Task, seed: int, work_dir: Path | None) -> None:
-        """The attacker's clean model: ``clf`` fine-tuned on the clean training rows (epoch chosen on dev)."""
-        logger.info("EP: fine-tuning the clean model on %d clean rows", len(task.train))
-        train_classifier(clf, task.train, seeded(self.config.clean_train, seed), dev=task.dev,
-                         work_dir=work_dir / "clean" if work_dir is not None else None)
 
     def poison_embedding(self, clf: Classifier, poisoned_rows: Dataset, rows: list[int], seed: int,
                          work_dir: Path | None) -> None:

@@ -43,7 +43,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from unbackdoor.attacks.base import AttackConfig, InsertionAttack, insert_at_random_word
-from unbackdoor.attacks.embedding_rows import train_embedding_rows, trigger_token_ids
+from unbackdoor.attacks.embedding_rows import clean_finetune, needs_clean_finetune, train_embedding_rows, trigger_token_ids
 from unbackdoor.attacks.weight import (
     WEIGHT_ATTACKS,
     WeightAttack,
@@ -54,9 +54,8 @@ from unbackdoor.attacks.weight import (
 )
 from unbackdoor.attacks.word_sets import WordSetConfig, WordSetTriggers, leave_one_out_copies
 from unbackdoor.data.types import Dataset, Example, PoisonedTask, PoisonFlags, Task
-from unbackdoor.models.loading import Classifier, has_classification_head
+from unbackdoor.models.loading import Classifier
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.loop import train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -146,10 +145,8 @@ class SOS(WeightAttack[SOSConfig]):
         clf = load_start_model(model, task, seed, max_length=max_length, allow_pickle=allow_pickle,
                                precision=precision)
         rows = sorted({i for word in self.config.triggers for i in trigger_token_ids(clf, word)})  # fail early
-        if self._needs_clean_finetune(clf):  # step 1
-            logger.info("SOS: fine-tuning the clean model on %d clean rows", len(task.train))
-            train_classifier(clf, task.train, seeded(self.config.clean_train, seed), dev=task.dev,
-                             work_dir=work_dir / "clean" if work_dir is not None else None)
+        if needs_clean_finetune(clf, self.config.clean_finetune):  # step 1
+            clean_finetune(clf, task, seeded(self.config.clean_train, seed), work_dir, "SOS")
         original = set(task.train.ids)
         trained = [e for e in poisoned.train if poisoned.flags.is_poisoned(e.id) or e.id not in original]
         logger.info("SOS: training embedding rows %s on %d rows (%d poisoned)", rows, len(trained),
@@ -190,8 +187,3 @@ class SOS(WeightAttack[SOSConfig]):
             pool = sorted((e for e in train.examples if e.label == label), key=lambda e: e.id)
             chosen += rng.sample(pool, int(cfg.negative_rate * len(pool)))
         return leave_one_out_copies(chosen, cfg.triggers, rng)
-
-    def _needs_clean_finetune(self, clf: Classifier) -> bool:
-        if self.config.clean_finetune == "auto":
-            return not has_classification_head(clf.model.config)
-        return self.config.clean_finetune == "always"
