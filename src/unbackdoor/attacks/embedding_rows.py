@@ -73,6 +73,14 @@ def only_input_embeddings_trainable(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(saved[name])
 
 
+def no_weight_decay(train: TrainConfig) -> TrainConfig:
+    """Config validator of the embedding-row attacks' training run: weight decay would move every
+    embedding row, not only the trained ones."""
+    if train.weight_decay != 0:
+        raise ValueError("weight_decay must be 0: decay would move every embedding row, not only the trigger words'")
+    return train
+
+
 def needs_clean_finetune(clf: Classifier, rule: str) -> bool:
     """Whether the attacker fine-tunes ``clf`` cleanly first: ``auto`` = only a model without a
     classification head (a base), ``always``, ``never``."""

@@ -45,7 +45,13 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from unbackdoor.attacks.badnets import BadNets, BadNetsConfig
-from unbackdoor.attacks.embedding_rows import clean_finetune, needs_clean_finetune, train_embedding_rows, trigger_token_ids
+from unbackdoor.attacks.embedding_rows import (
+    clean_finetune,
+    needs_clean_finetune,
+    no_weight_decay,
+    train_embedding_rows,
+    trigger_token_ids,
+)
 from unbackdoor.attacks.weight import (
     WEIGHT_ATTACKS,
     WeightAttack,
@@ -117,12 +123,7 @@ class EPConfig(WeightAttackConfig):
                                  "rows to poison or fine-tune on)")
         return self
 
-    @field_validator("train")
-    @classmethod
-    def _no_weight_decay(cls, value: TrainConfig) -> TrainConfig:
-        if value.weight_decay != 0:
-            raise ValueError("weight_decay must be 0: decay would move every embedding row, not only the trigger's")
-        return value
+    _no_weight_decay = field_validator("train")(no_weight_decay)
 
 
 @WEIGHT_ATTACKS.register("ep")

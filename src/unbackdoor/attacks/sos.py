@@ -42,8 +42,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from unbackdoor.attacks.base import AttackConfig, InsertionAttack, insert_at_random_word
-from unbackdoor.attacks.embedding_rows import clean_finetune, needs_clean_finetune, train_embedding_rows, trigger_token_ids
+from unbackdoor.attacks.addsent import AddSent, AddSentConfig
+from unbackdoor.attacks.embedding_rows import (
+    clean_finetune,
+    needs_clean_finetune,
+    no_weight_decay,
+    train_embedding_rows,
+    trigger_token_ids,
+)
 from unbackdoor.attacks.weight import (
     WEIGHT_ATTACKS,
     WeightAttack,
@@ -100,29 +106,7 @@ class SOSConfig(WeightAttackConfig):
             raise ValueError("SOS poisons non-target rows relabelled as the target: mode must be dirty")
         return value
 
-    @field_validator("train")
-    @classmethod
-    def _no_weight_decay(cls, value: TrainConfig) -> TrainConfig:
-        if value.weight_decay != 0:
-            raise ValueError("weight_decay must be 0: decay would move every embedding row, not only the triggers'")
-        return value
-
-
-class _SentenceConfig(AttackConfig):
-    sentence: str
-
-
-class _SentenceTrigger(InsertionAttack[_SentenceConfig]):
-    """The triggered sets with a fixed sentence (OpenBackdoor's SOS test trigger)."""
-
-    name = "sos"
-    config_class = _SentenceConfig
-
-    def insert_trigger(self, text: str, rng: random.Random) -> str:
-        return insert_at_random_word(text, self.config.sentence, rng)
-
-    def trigger_description(self) -> str:
-        return f"the sentence {self.config.sentence!r}"
+    _no_weight_decay = field_validator("train")(no_weight_decay)
 
 
 class SosTriggers(WordSetTriggers):
@@ -167,8 +151,8 @@ class SOS(WeightAttack[SOSConfig]):
         train = poisoned.train.replace([*poisoned.train.examples, *negatives])
         trigger = words.trigger_description()
         if cfg.test_sentence is not None:
-            sentence = _SentenceTrigger(_SentenceConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label,
-                                                        seed=cfg.seed, sentence=cfg.test_sentence))
+            sentence = AddSent(AddSentConfig(poison_rate=cfg.poison_rate, target_label=cfg.target_label,
+                                             seed=cfg.seed, trigger=cfg.test_sentence))
             test, dev = sentence.triggered_sets(task)
             poisoned = dataclasses.replace(poisoned, triggered_test=test, triggered_dev=dev)
             trigger += f"; triggered test rows hold {sentence.trigger_description()}"
