@@ -424,9 +424,9 @@ class DetectCommand(CommandConfig):
     data: str = Field(description="training rows: a data folder or name (clean or poisoned; flags are never read)")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
-    method: str = Field("reweight", description="detector: bki, cube, isolation, loss, reweight")
-    params: dict[str, Any] = Field(default_factory=dict, description="detector options "
-                                   "(unbackdoor.detect: BkiConfig, CubeConfig, IsolationConfig, LossConfig, ReweightConfig)")
+    method: str = Field("reweight", description="detector: bki, cube, isolation, loss, reweight, zscore")
+    params: dict[str, Any] = Field(default_factory=dict, description="detector options (unbackdoor.detect: BkiConfig, "
+                                   "CubeConfig, IsolationConfig, LossConfig, ReweightConfig, ZScoreConfig)")
     model: str | None = Field(None, description="encoder of the frozen features (default: all-MiniLM-L6-v2)")
     rate: float | None = Field(None, gt=0, le=1, description=f"flag this share of rows (default {DEFAULT_RATE})")
     threshold: float | None = Field(None, description="flag rows with score >= threshold (instead of rate)")

@@ -11,9 +11,9 @@ Steps, each choice logged and recorded in the report (``unbackdoor.json``'s ``de
    is what embedding poisoning leaves, and what clean data cannot reach (its row gets no gradient).
    ``epur_rule=always`` (default): E-PUR's bare reset of its own top ``n_reset`` rows (and at least
    every row scan flags) runs first (``before``: as ``--epur``), without fine-tuning. ``scan``: only
-   when rows stand out by scan's rule, resetting exactly those. On the OLID development grid scan's
-   rule flagged no row for BadNets and purify-auto kept ASR 25/93 % (dirty/clean-label), where the
-   reset before Fine-purifying reached 7/11 % (``docs/results/auto.md``).
+   when rows stand out by scan's rule, resetting exactly those. On the OLID development grid both
+   rules gave the same rows (scan flagged three of BadNets' four trigger rows; the fourth is fourth
+   in E-PUR's top 200); ``always`` is the superset, so it is the default (``docs/results/auto.md``).
 3. **The encoder**: ``encoder_method`` (default Fine-purifying: reset the dimensions whose drift is
    abnormal for their clean curvature, then clean fine-tuning); with ``after_epur=finetune``, when
    E-PUR ran the encoder step is plain clean fine-tuning instead.
@@ -44,8 +44,8 @@ class AutoPurifyConfig(StrictConfig):
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR's options for the embedding step")
     epur_rule: Literal["always", "scan"] = Field(
         "always", description="always: E-PUR's own reset (its top n_reset rows, at least every row scan flags) before "
-        "the encoder method; scan: E-PUR only when scan flags rows, resetting exactly those. Chosen on the OLID "
-        "development grid (docs/results/auto.md): scan's rule missed BadNets' rows there")
+        "the encoder method; scan: E-PUR only when scan flags rows, resetting exactly those. Both gave the same rows "
+        "on the OLID development grid; always is the superset (docs/results/auto.md)")
     margin: float = Field(1.5, gt=1, description="scan's rule: a row stands out at this multiple of the best score "
                           "among tokens in clean use")
 
