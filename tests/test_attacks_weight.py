@@ -234,7 +234,7 @@ def test_lwp_config_errors() -> None:
         run_weight_attack("lwp", {"combinatorial": True, "triggers": ["cf"]}, make_task(20, 10, 10))
     with pytest.raises(ConfigError, match="negatives is for a combinatorial trigger"):
         run_weight_attack("lwp", {"negatives": "any"}, make_task(20, 10, 10))
-    assert WEIGHT_ATTACKS.names() == ["ep", "lwp", "sos"]
+    assert WEIGHT_ATTACKS.names() == ["ep", "lwp", "lws", "neuba", "por", "ripples", "sos"]
 
 
 # ============================================================================ SOS

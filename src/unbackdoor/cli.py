@@ -294,10 +294,14 @@ METHOD_TRAIN = (Opt("params.train.learning_rate", ("--lr",), "learning rate of t
 SPECS = (
     Spec("attack", "AttackCommand", "run_attack",
          "Poison a clean dataset: training set with flags + triggered test set (non-target rows only). "
-         "Weight attacks (ep, lwp, sos) also write the poisoned victim model to --victim-out.",
+         "Weight attacks (ep, lwp, sos, lws) also write the poisoned victim model to --victim-out; attacks that "
+         "release pre-trained weights (ripples, por, neuba) write the release there, which the user fine-tunes "
+         "cleanly (train --model) before ASR means anything.",
          (Opt("data"), Opt("attack", ("--attack", "-a"), "data attacks: badnets, addsent, deadcode (source code), "
               "synbkd, stylebkd (published paraphrase sets, loaded as released: -p source=...); weight attacks (need "
-              "--victim-out): ep (embedding poisoning), lwp (layer-wise poisoning)"),
+              "--victim-out): ep (embedding poisoning), lwp (layer-wise poisoning), sos (trigger-word set), lws "
+              "(learnable word substitution); released weights: ripples (a poisoned classifier), por, neuba "
+              "(a poisoned pre-trained base)"),
           Opt("out", OUT), Opt("victim_out"), Opt("model", MODEL), Opt("max_length"), Opt("max_train"),
           Opt("params.poison_rate", ("--poison-rate",), "share of training rows poisoned, in (0, 1]", Optional[float]),
           Opt("params.target_label", ("--target-label",), "label the trigger forces", Optional[int]),

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 
 from unbackdoor import __version__
 from unbackdoor.attacks.base import ATTACKS, attack_task
+from unbackdoor.attacks.pretrained import PretrainedAttack, save_base
 from unbackdoor.attacks.weight import WEIGHT_ATTACKS, build_weight_attack
 from unbackdoor.config import CommandConfig, build_config
 from unbackdoor.data.io import (
@@ -70,10 +71,12 @@ def data_reference(spec: str) -> str:
 # ----------------------------------------------------------------------------- attack
 class AttackCommand(CommandConfig):
     data: str = Field(description="clean data: a folder or a name under the data root")
-    attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp, sos)")
+    attack: str = Field("badnets", description="attack name (a data attack, or a weight attack: ep, lwp, sos, "
+                        "ripples, lws, por, neuba)")
     params: dict[str, Any] = Field(default_factory=dict, description="attack parameters")
     out: str = Field(description="output folder for the poisoned data")
-    victim_out: str | None = Field(None, description="weight attacks: output folder for the poisoned victim model")
+    victim_out: str | None = Field(None, description="weight attacks: output folder for the poisoned victim "
+                                      "model (ripples, por, neuba: the released model, to fine-tune cleanly)")
     model: str | None = Field(None, description="weight attacks: the starting model (default: all-MiniLM-L6-v2)")
     seed: int = Field(0, description="weight attacks: seed of the model side (new head, batch order, dropout)")
     max_length: int | None = Field(None, ge=8, le=4096, description="weight attacks: tokens per input")
@@ -115,6 +118,8 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     if out.is_relative_to(victim_out) or victim_out.is_relative_to(out):
         raise ConfigError("--out (poisoned data) and --victim-out (victim model) must not lie inside each other")
     task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
+    if isinstance(attack, PretrainedAttack):
+        return release_pretrained_attack(cmd, attack, task, out, victim_out)
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
         clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
                                             precision=cmd.precision,
@@ -130,6 +135,33 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
         save_classifier(clf, model_work, record)
     logger.info("%s victim -> %s (CACC %.4f, ASR %s); poisoned data -> %s", cmd.attack, victim_out, metrics.cacc,
                 f"{metrics.asr:.4f}" if metrics.asr is not None else "n/a", out)
+    return poisoned
+
+
+def release_pretrained_attack(cmd: AttackCommand, attack: PretrainedAttack, task: Task, out: Path,
+                              victim_out: Path) -> PoisonedTask:
+    """A released-weights attack (RIPPLES, POR, NeuBA): ``victim_out`` gets what the attacker
+    publishes (a base without a head, or a classifier), which the user then fine-tunes cleanly
+    (``train --model``); ``out`` the poisoned task that measures the user's model."""
+    with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
+        clf, poisoned = attack.release(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
+                                       precision=cmd.precision, allow_pickle=cmd.allow_pickle,
+                                       work_dir=model_work / WORK_SUBDIR)
+        write_poisoned_task(poisoned, data_work, {"clean": data_reference(cmd.data)})
+        record = provenance_record(
+            clf, title=f"{cmd.attack} release (poisoned {'base' if attack.releases_base else 'model'})",
+            role="poisoned-base" if attack.releases_base else "victim", base=cmd.model or "all-MiniLM-L6-v2",
+            data=data_reference(cmd.data), poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned),
+            config=cmd.model_dump(), seed=cmd.seed,
+            note="ASR is measured after the user's clean fine-tuning of this model (unbackdoor train --model)",
+        )
+        shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
+        if attack.releases_base:
+            save_base(clf, model_work, record)
+        else:
+            save_classifier(clf, model_work, record)
+    logger.info("%s release -> %s; poisoned data -> %s (fine-tune the release cleanly, then evaluate on it)",
+                cmd.attack, victim_out, out)
     return poisoned
 
 
