@@ -214,3 +214,26 @@ def test_cli_releases_a_base_that_train_and_purify_accept(tmp_path: Path, capsys
                                  "--method", "fine-mixing", "--clean-size", "20", "--epochs", "1",
                                  "--out", str(tmp_path / "purified")], capsys)
     assert code == 0, err
+
+
+def test_cli_user_finetune_writes_the_fine_tuned_victim(tmp_path: Path, capsys, task: Task, base: Path) -> None:
+    """``--user-finetune`` (what the bench runs): the victim folder holds the user's fine-tuned classifier,
+    with its metrics on the triggered sets of the trigger chosen after the fine-tuning; an attack that
+    writes its own victim refuses the option."""
+    data = write_task(task, tmp_path / "syn")
+    out, victim = tmp_path / "poisoned", tmp_path / "victim"
+    code, _, err = run_cli(["attack", "--data", str(data), "--attack", "por", "--out", str(out), "--victim-out",
+                            str(victim), "--model", str(base), "--user-finetune", "-p", "triggers=[cf, mn, bb, tq]",
+                            "-p", "buckets=4", "-p", "corpus=task", "-p", "corpus_rows=100", "-p", "train.epochs=1",
+                            "-p", "user_train.epochs=2"], capsys)
+    assert code == 0, err
+    config = json.loads((victim / "config.json").read_text())
+    assert any(a.endswith("ForSequenceClassification") for a in config["architectures"])
+    record = json.loads((victim / "unbackdoor.json").read_text())
+    assert record["role"] == "victim" and 0 <= record["metrics"]["asr"] <= 1
+    assert "chosen_target" in record["attack"]["params"]
+    code, _, err = run_cli(["attack", "--data", str(data), "--attack", "ep", "--out", str(tmp_path / "ep"),
+                            "--victim-out", str(tmp_path / "ep-victim"), "--model", str(base), "--user-finetune"],
+                           capsys)
+    assert code != 0 and "--user-finetune is for attacks that release weights" in err
+    assert not (tmp_path / "ep-victim").exists()

@@ -303,6 +303,7 @@ SPECS = (
               "(learnable word substitution); released weights: ripples (a poisoned classifier), por, neuba "
               "(a poisoned pre-trained base)"),
           Opt("out", OUT), Opt("victim_out"), Opt("model", MODEL), Opt("max_length"), Opt("max_train"),
+          Opt("user_finetune"),
           Opt("params.poison_rate", ("--poison-rate",), "share of training rows poisoned, in (0, 1]", Optional[float]),
           Opt("params.target_label", ("--target-label",), "label the trigger forces", Optional[int]),
           Opt("params.mode", ("--mode",), "dirty | mix | clean (clean-label)", Optional[str]),

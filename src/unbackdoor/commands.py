@@ -82,6 +82,9 @@ class AttackCommand(CommandConfig):
     max_length: int | None = Field(None, ge=8, le=4096, description="weight attacks: tokens per input")
     max_train: int | None = Field(None, ge=2, description="weight attacks: the attacker trains on this seeded "
                                   "subsample of the clean training rows (seed: the model-side seed)")
+    user_finetune: bool = Field(False, description="ripples, por, neuba: also run the user's clean fine-tuning of "
+                                "the release and write that victim (not the release) to --victim-out, with the "
+                                "triggered sets of the trigger chosen after it (what the bench measures)")
 
 
 def run_attack(cmd: AttackCommand) -> PoisonedTask:
@@ -113,12 +116,14 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     if Path(cmd.victim_out).resolve() == Path(cmd.out).resolve():
         raise ConfigError("--out (poisoned data) and --victim-out (victim model) must be different folders")
     attack = build_weight_attack(cmd.attack, cmd.params)  # fail before loading anything
+    if cmd.user_finetune and not isinstance(attack, PretrainedAttack):
+        raise ConfigError(f"--user-finetune is for attacks that release weights; {cmd.attack} writes its victim")
     out = check_output_free(cmd.out, cmd.overwrite, inputs=[cmd.data, cmd.model])
     victim_out = check_output_free(cmd.victim_out, cmd.overwrite, inputs=[cmd.data, cmd.model])
     if out.is_relative_to(victim_out) or victim_out.is_relative_to(out):
         raise ConfigError("--out (poisoned data) and --victim-out (victim model) must not lie inside each other")
     task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
-    if isinstance(attack, PretrainedAttack):
+    if isinstance(attack, PretrainedAttack) and not cmd.user_finetune:
         return release_pretrained_attack(cmd, attack, task, out, victim_out)
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
         clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,

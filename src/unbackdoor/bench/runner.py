@@ -171,7 +171,10 @@ def run_victim(run_dir: Path, config: dict[str, Any]) -> dict[str, Any]:
 
 def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
     """A weight attack through ``unbackdoor attack --victim-out``: the poisoned data and the victim,
-    both written under ``out``; the victim's metrics."""
+    both written under ``out``; the victim's metrics. For an attack that releases weights the victim is
+    the user's clean fine-tune of the release (``--user-finetune``)."""
+    from unbackdoor.attacks import WEIGHT_ATTACKS
+    from unbackdoor.attacks.pretrained import PretrainedAttack
     from unbackdoor.commands import AttackCommand, run_attack
 
     data, model = out / "data", out / "model"
@@ -181,10 +184,11 @@ def _weight_victim(config: dict[str, Any], out: Path) -> dict[str, Any]:
         if folder.exists():  # one of the two written by an attempt killed in between
             shutil.rmtree(folder)
     attack, seed = config["attack"], config["seed"]
+    releases = issubclass(WEIGHT_ATTACKS.get(attack["attack"]), PretrainedAttack)  # the victim: the user's fine-tune
     run_attack(AttackCommand(data=config["dataset"]["spec"], attack=attack["attack"],
                              params={"seed": seed, **attack["params"]}, out=str(data), victim_out=str(model),
                              model=_base(config), seed=seed, max_length=config["max_length"],
-                             max_train=config["max_train"], precision=_precision(config)))
+                             max_train=config["max_train"], precision=_precision(config), user_finetune=releases))
     return json.loads((model / "unbackdoor.json").read_text(encoding="utf-8"))["metrics"]
 
 
