@@ -123,50 +123,39 @@ def run_weight_attack_command(cmd: AttackCommand) -> PoisonedTask:
     if out.is_relative_to(victim_out) or victim_out.is_relative_to(out):
         raise ConfigError("--out (poisoned data) and --victim-out (victim model) must not lie inside each other")
     task = subsample_task(load_task(cmd.data), cmd.max_train, cmd.seed)
-    if isinstance(attack, PretrainedAttack) and not cmd.user_finetune:
-        return release_pretrained_attack(cmd, attack, task, out, victim_out)
+    # a released-weights attack (RIPPLES, POR, NeuBA) writes what the attacker publishes, which the user
+    # then fine-tunes cleanly (train --model), unless --user-finetune asks for that fine-tuned victim
+    release = isinstance(attack, PretrainedAttack) and not cmd.user_finetune
+    produce = attack.release if release else attack.poison_model
     with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
-        clf, poisoned = attack.poison_model(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
-                                            precision=cmd.precision,
-                                            allow_pickle=cmd.allow_pickle, work_dir=model_work / WORK_SUBDIR)
+        clf, poisoned = produce(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
+                                precision=cmd.precision, allow_pickle=cmd.allow_pickle,
+                                work_dir=model_work / WORK_SUBDIR)
         write_poisoned_task(poisoned, data_work, {"clean": data_reference(cmd.data)})
-        metrics = evaluate_on(clf, poisoned, name=str(victim_out))
-        record = provenance_record(
-            clf, title=f"{cmd.attack} victim on {cmd.data}", role="victim", base=cmd.model or "all-MiniLM-L6-v2",
-            data=data_reference(cmd.data), poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned),
-            config=cmd.model_dump(), seed=cmd.seed, metrics=metric_summary(metrics),
-        )
-        shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
-        save_classifier(clf, model_work, record)
-    logger.info("%s victim -> %s (CACC %.4f, ASR %s); poisoned data -> %s", cmd.attack, victim_out, metrics.cacc,
-                f"{metrics.asr:.4f}" if metrics.asr is not None else "n/a", out)
-    return poisoned
-
-
-def release_pretrained_attack(cmd: AttackCommand, attack: PretrainedAttack, task: Task, out: Path,
-                              victim_out: Path) -> PoisonedTask:
-    """A released-weights attack (RIPPLES, POR, NeuBA): ``victim_out`` gets what the attacker
-    publishes (a base without a head, or a classifier), which the user then fine-tunes cleanly
-    (``train --model``); ``out`` the poisoned task that measures the user's model."""
-    with atomic_output_dir(victim_out, cmd.overwrite) as model_work, atomic_output_dir(out, cmd.overwrite) as data_work:
-        clf, poisoned = attack.release(task, cmd.model or "default", seed=cmd.seed, max_length=cmd.max_length,
-                                       precision=cmd.precision, allow_pickle=cmd.allow_pickle,
-                                       work_dir=model_work / WORK_SUBDIR)
-        write_poisoned_task(poisoned, data_work, {"clean": data_reference(cmd.data)})
-        record = provenance_record(
-            clf, title=f"{cmd.attack} release (poisoned {'base' if attack.releases_base else 'model'})",
-            role="poisoned-base" if attack.releases_base else "victim", base=cmd.model or "all-MiniLM-L6-v2",
-            data=data_reference(cmd.data), poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned),
-            config=cmd.model_dump(), seed=cmd.seed,
-            note="ASR is measured after the user's clean fine-tuning of this model (unbackdoor train --model)",
-        )
-        shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
-        if attack.releases_base:
-            save_base(clf, model_work, record)
+        base_only = release and attack.releases_base
+        if release:
+            metrics = None
+            described = {"title": f"{cmd.attack} release (poisoned {'base' if base_only else 'model'})",
+                         "role": "poisoned-base" if base_only else "victim"}
+            measured = {"note": "ASR is measured after the user's clean fine-tuning of this model "
+                                "(unbackdoor train --model)"}
         else:
-            save_classifier(clf, model_work, record)
-    logger.info("%s release -> %s; poisoned data -> %s (fine-tune the release cleanly, then evaluate on it)",
-                cmd.attack, victim_out, out)
+            metrics = evaluate_on(clf, poisoned, name=str(victim_out))
+            described = {"title": f"{cmd.attack} victim on {cmd.data}", "role": "victim"}
+            measured = {"metrics": metric_summary(metrics)}
+        record = provenance_record(
+            clf, **described, base=cmd.model or "all-MiniLM-L6-v2", data=data_reference(cmd.data),
+            poisoned_data=str(out.resolve()), attack=_attack_summary(poisoned), config=cmd.model_dump(), seed=cmd.seed,
+            **measured,
+        )
+        shutil.rmtree(model_work / WORK_SUBDIR, ignore_errors=True)
+        (save_base if base_only else save_classifier)(clf, model_work, record)
+    if metrics is None:
+        logger.info("%s release -> %s; poisoned data -> %s (fine-tune the release cleanly, then evaluate on it)",
+                    cmd.attack, victim_out, out)
+    else:
+        logger.info("%s victim -> %s (CACC %.4f, ASR %s); poisoned data -> %s", cmd.attack, victim_out, metrics.cacc,
+                    f"{metrics.asr:.4f}" if metrics.asr is not None else "n/a", out)
     return poisoned
 
 
