@@ -157,6 +157,21 @@ def test_backdoor_survives_clean_fine_tuning(name: str, task: Task, base: Path) 
         assert floor[y][entry["best_trigger"]] <= 0.2, y
 
 
+def test_user_finetune_with_a_work_dir_resumes_its_own_checkpoint(task: Task, base: Path, tmp_path: Path) -> None:
+    """A killed victim cell reruns the user's fine-tuning in the same work dir: the release is saved
+    as a base in a fixed folder there, so the checkpoint's run key matches and the run resumes (it
+    refused when the folder was a fresh temporary one: the bug that failed a NeuBA grid cell)."""
+    config = seeded(TrainConfig(**{**USER_TRAIN, "epochs": 2}), 0)
+    released = load_classifier(str(base), num_labels=2)
+    first = user_finetune(released, task, config, seed=0, new_head=True, work_dir=tmp_path)
+    assert (tmp_path / "user-finetune" / "checkpoint" / "state.json").exists()
+    assert not (tmp_path / "released-base").exists()
+    again = user_finetune(load_classifier(str(base), num_labels=2), task, config, seed=0, new_head=True,
+                          work_dir=tmp_path)
+    for a, b in zip(first.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+
+
 # ============================================================================ validation
 def test_config_errors(task: Task, tmp_path: Path, base: Path) -> None:
     with pytest.raises(ConfigError, match="unknown key"):

@@ -274,7 +274,7 @@ def test_workers_are_recycled_and_the_grid_still_finishes(tmp_path: Path, inputs
 def test_published_sst2_grid_is_valid(shared_data: Path) -> None:
     """The published config validates whole (names, parameters, data) and expands to its cells: the 270 of
     the first publication, the defences added since (field defences, auto) for every attack, and the weight
-    attacks added since (SOS, NeuBA)."""
+    attacks added since (SOS, NeuBA, RIPPLES, POR, LWS)."""
     config = load_bench_config(Path(__file__).resolve().parents[1] / "benchmarks" / "sst2_grid.yaml")
     cells = expand(config)
     first = {"lora", "musclelora", "reweight", "finetune", "reinit", "fine-pruning", "e-pur", "fine-mixing",
@@ -282,9 +282,9 @@ def test_published_sst2_grid_is_valid(shared_data: Path) -> None:
              "floor-model"}
     original = {"badnets-dirty", "badnets-clean", "addsent", "synbkd", "stylebkd", "ep", ""}
     assert len([c for c in cells if c.defence in first and c.attack in original]) == 270
-    assert len(cells) == 519  # + SOS and NeuBA (issue 21): 2 attacks x 3 seeds x (victim, floor, 12 defences)
+    assert len(cells) == 645  # + the field's weight attacks (issue 21): 5 attacks x 3 seeds x (victim, floor, 12 defences)
     assert len({c.id for c in cells}) == len(cells)
-    for attack in ("ep", "sos", "neuba"):  # weight attacks: purify defences and guards only
+    for attack in ("ep", "sos", "neuba", "ripples", "por", "lws"):  # weight attacks: purify defences and guards only
         assert {c.kind for c in cells if c.attack == attack} == {"victim", "floor", "purify", "guard"}
 
 

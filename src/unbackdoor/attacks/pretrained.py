@@ -22,11 +22,13 @@ the release (``--victim-out``), which ``train --model`` and ``purify --base`` ac
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
 import tempfile
 from abc import abstractmethod
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar, Iterator, TypeVar
 
 from pydantic import Field
 
@@ -90,6 +92,24 @@ def save_base(clf: Classifier, folder: str | Path, record: dict) -> None:
     write_json(folder / PROVENANCE_FILE, record)
 
 
+@contextlib.contextmanager
+def _base_folder(work_dir: Path | None) -> Iterator[Path]:
+    """Where the release is saved as a base and loaded back: a fixed folder under ``work_dir`` (its
+    path is the loaded model's source, which keys the fine-tuning's checkpoint, so a killed run
+    resumes), else a temporary one."""
+    if work_dir is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield Path(tmp)
+        return
+    folder = work_dir / "released-base"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def user_finetune(released: Classifier, task: Task, train: TrainConfig, *, seed: int, new_head: bool,
                   work_dir: Path | None = None, precision: str = "auto") -> Classifier:
     """Step 2: the user's clean fine-tuning of ``released`` on ``task``'s training rows (epoch chosen
@@ -97,11 +117,9 @@ def user_finetune(released: Classifier, task: Task, train: TrainConfig, *, seed:
     loaded back as a base with a new head seeded by ``seed``."""
     clf = released
     if new_head:
-        if work_dir is not None:
-            work_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
-            save_base(released, tmp, provenance_record(released, role="base"))
-            clf = load_classifier(tmp, num_labels=task.num_labels, max_length=released.max_length, seed=seed,
+        with _base_folder(work_dir) as folder:
+            save_base(released, folder, provenance_record(released, role="base"))
+            clf = load_classifier(folder, num_labels=task.num_labels, max_length=released.max_length, seed=seed,
                                   data_name=task.name, precision=precision)
     logger.info("user's clean fine-tuning of the released model on %d rows", len(task.train))
     train_classifier(clf, task.train, train, dev=task.dev,
