@@ -89,10 +89,12 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     (most poisoned rows dropped, few clean ones), and the model retrained on the rest is clean."""
     train = {**FAST, "epochs": 10, "seed": 1}
     config = AutoTrainConfig(detectors=["cube"], detector_params={"cube": {"train": {**FAST, "epochs": 2}}}, train=train,
-                             balance="dev")
+                             balance="dev", shift_bias="dev")
     result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
     dropped = set(result.report["dropped_ids"])
     assert set(result.report["choices"]["label_shares"]) == {"kept", "dev"}  # the retraining was reweighted
+    calibration = result.report["choices"]["bias_shift"]  # and its head bias shifted to the dev shares
+    assert calibration["applied"] and abs(sum(calibration["offsets"])) < 1e-6, calibration
     poisoned = planted.poisoned.flags.poisoned_ids
     assert len(dropped & poisoned) >= 0.8 * len(poisoned) and len(dropped) <= 1.5 * len(poisoned), len(dropped)
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)

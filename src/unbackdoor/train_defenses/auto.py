@@ -20,6 +20,9 @@ set. Nothing about the attack. Steps:
    accuracy (the rows the detectors trained on are never used for selection). ``balance=dev``
    [OURS]: weight each kept row's loss by p_dev(y) / p_kept(y), as dropping a dirty-label attack's
    rows (non-target text labelled as the target) leaves the target label over-represented.
+4. ``shift_bias=dev`` [OURS]: shift the retrained head's bias so its mean predicted class
+   probabilities on the clean dev set match the dev label shares (:mod:`unbackdoor.calibration`):
+   the other remedy for the same lean, applied after training instead of through the loss.
 
 The report (``unbackdoor.json``'s ``defense``) records each detector's report, the drop rule, the
 score at each cut, how many rows were dropped and which.
@@ -35,6 +38,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
+from unbackdoor.calibration import calibrate_to_dev
 from unbackdoor.config import StrictConfig
 from unbackdoor.data.types import Dataset
 from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector, suspicion_order
@@ -71,6 +75,10 @@ class AutoTrainConfig(StrictConfig):
         "none", description="dev: weight the kept rows' loss so their label shares match the clean dev set's "
         "(dropping a dirty-label attack's rows leaves the target label over-represented); none: plain retraining. "
         "Default chosen on the development grid (docs/results/auto.md)")
+    shift_bias: Literal["none", "dev"] = Field(
+        "none", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
+        "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
+        "development grid (docs/results/auto.md)")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
                                       "(3 epochs, batch 32, lr 1e-4)")
 
@@ -132,9 +140,11 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         training = train_classifier(inputs.model, kept, train, dev=inputs.dev, callbacks=observers, work_dir=work_dir,
                                     fingerprint={"defense": self.name, "config": cfg.model_dump(mode="json"),
                                                  "dropped": dropped}, sample_weights=weights)
+        calibration = calibrate_to_dev(inputs.model, inputs.dev) if cfg.shift_bias == "dev" else None  # step 4
         report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
                   "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
                               "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
+                              "bias_shift": calibration,
                               "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
                   "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
                   "n_trained": len(kept), "selected_epoch": training.best_epoch,
