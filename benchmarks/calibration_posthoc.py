@@ -21,14 +21,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def lean(clf, test, target: int) -> float:  # noqa: ANN001
-    """Share of the clean non-target test rows predicted as ``target``."""
-    from unbackdoor.inference import predict
-
-    rows = [e for e in test.examples if e.label != target]
-    return float((predict(clf, rows) == target).mean())
-
-
 def measure(model: Path, data: Path, precision: str) -> dict[str, float]:
     from unbackdoor.calibration import calibrate_to_dev
     from unbackdoor.data import load_poisoned_task
@@ -44,7 +36,7 @@ def measure(model: Path, data: Path, precision: str) -> dict[str, float]:
             row["offset"] = report["offsets"][task.target_label] if report["applied"] else float("nan")
         result = evaluate_classifier(clf, task.clean.test, task.triggered_test)
         row[f"cacc_{when}"], row[f"asr_{when}"] = result.cacc, result.asr
-        row[f"lean_{when}"] = lean(clf, task.clean.test, task.target_label)
+        row[f"lean_{when}"] = result.clean_to_target
     return row
 
 

@@ -18,7 +18,7 @@ are, and the report says so.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,9 +37,8 @@ def output_layer(clf: Classifier) -> torch.nn.Linear | None:
     return layers[-1] if layers else None
 
 
-def label_shares(labels: list[int], num_labels: int) -> np.ndarray:
-    counts = Counter(labels)
-    return np.array([counts[c] / len(labels) for c in range(num_labels)], dtype=np.float64)
+def label_shares(labels: Sequence[int], num_labels: int) -> np.ndarray:
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels) / len(labels)
 
 
 def prior_offsets(logits: np.ndarray, shares: np.ndarray, iterations: int = 200, tol: float = 1e-6) -> np.ndarray:
@@ -70,7 +69,7 @@ def calibrate_to_dev(clf: Classifier, dev: Dataset) -> dict[str, Any]:
     if layer is None or layer.bias is None:
         logger.info("calibration skipped: the classification head has no bias to shift")
         return {"applied": False, "reason": "the classification head has no bias"}
-    labels = list(dev.labels)
+    labels = np.asarray(dev.labels)
     shares = label_shares(labels, clf.num_labels)
     logits = predict_logits(clf, dev.examples)
     offsets = prior_offsets(logits, shares)
@@ -81,8 +80,8 @@ def calibrate_to_dev(clf: Classifier, dev: Dataset) -> dict[str, Any]:
               "mean_probability_before": _mean_softmax(logits.astype(np.float64)).round(6).tolist(),
               "predicted_shares_before": _predicted_shares(logits, clf.num_labels),
               "predicted_shares_after": _predicted_shares(after, clf.num_labels),
-              "dev_accuracy_before": float((logits.argmax(1) == np.array(labels)).mean()),
-              "dev_accuracy_after": float((after.argmax(1) == np.array(labels)).mean())}
+              "dev_accuracy_before": float((logits.argmax(1) == labels).mean()),
+              "dev_accuracy_after": float((after.argmax(1) == labels).mean())}
     logger.info("calibration: head bias shifted by %s (dev predicted shares %s -> %s; dev accuracy %.4f -> %.4f)",
                 np.round(offsets, 3).tolist(), report["predicted_shares_before"], report["predicted_shares_after"],
                 report["dev_accuracy_before"], report["dev_accuracy_after"])
@@ -90,4 +89,4 @@ def calibrate_to_dev(clf: Classifier, dev: Dataset) -> dict[str, Any]:
 
 
 def _predicted_shares(logits: np.ndarray, num_labels: int) -> list[float]:
-    return label_shares(logits.argmax(1).tolist(), num_labels).round(4).tolist()
+    return label_shares(logits.argmax(1), num_labels).round(4).tolist()
