@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from bench_grid import DEFENCES, tiny_inputs, write_grid
@@ -17,7 +18,7 @@ from synthetic import run_cli
 
 from unbackdoor.bench.config import load_bench_config
 from unbackdoor.bench.runner import expand, prepare, run_bench, victim_data, worker_command
-from unbackdoor.bench.store import CellSpec, Store
+from unbackdoor.bench.store import CellSpec, Slice, Store
 from unbackdoor.data import load_poisoned_task
 from unbackdoor.detect.metrics import scores_file_metrics
 from unbackdoor.errors import ConfigError
@@ -165,6 +166,45 @@ def test_a_cell_waits_for_its_dependencies(tmp_path: Path) -> None:
     assert store.claim() is None
     b = next(c for c in store.cells() if c["id"] == "b")
     assert b["status"] == "failed" and "dependency failed (a)" in b["error"]
+
+
+def _finish(store: Store, cell: Any) -> None:
+    store.finish(cell, metrics={}, error=None, wall_s=0, peak_memory_mb=None, peak_memory_scope="cell",
+                 version="t", git_commit=None)
+
+
+def test_a_slice_claims_and_counts_its_cells_only(tmp_path: Path) -> None:
+    """An attack slice takes that attack's cells and the never-poisoned models (attack "") its floor
+    rows read; a seed slice that seed's; both together their intersection."""
+    store = Store(tmp_path)
+    store.add_cells([CellSpec(f"{attack or 'clean'}/s{seed}", "victim", "d", attack, "none", seed, {})
+                     for attack in ("", "x", "y") for seed in (0, 1)])
+    sliced = Slice(seeds=(1,), attacks=("y",))
+    assert store.counts(sliced) == {"pending": 2} and store.counts(Slice(attacks=("y",))) == {"pending": 4}
+    taken = []
+    while (cell := store.claim(cells=sliced)) is not None:
+        taken.append(cell.id)
+        _finish(store, cell)
+    assert taken == ["clean/s1", "y/s1"]
+    assert store.counts() == {"done": 2, "pending": 4}
+    assert [c["id"] for c in store.cells() if Slice(attacks=("x",)).holds(c)] == ["clean/s0", "clean/s1", "x/s0", "x/s1"]
+
+
+def test_a_worker_process_keeps_to_its_slice(tmp_path: Path) -> None:
+    """The worker's command line carries the slice: with ``--seeds 1 --attacks y`` it attempts those
+    cells only (their empty configs fail, which is recorded, and the others are never touched)."""
+    store = Store(tmp_path)
+    store.add_cells([CellSpec(f"{attack or 'clean'}/s{seed}", "victim", "d", attack, "none", seed, {})
+                     for attack in ("", "x", "y") for seed in (0, 1)])
+    command = worker_command(tmp_path, Slice(seeds=(1,), attacks=("y",)))
+    assert subprocess.run(command, stderr=subprocess.DEVNULL, timeout=120).returncode == 0
+    assert sorted(_attempts_by_cell(store)) == ["clean/s1", "y/s1"]
+
+
+def test_cli_attack_outside_the_grid_exits_2(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001
+    config = write_grid(tmp_path / "grid.yaml", *inputs)
+    code, _, err = run_cli(["bench", str(config), "--run-dir", str(tmp_path / "run"), "--attack", "sos"], capsys)
+    assert code == 2 and "--attack sos: not among the config's attacks (badnets)" in err
 
 
 # ----------------------------------------------------------------------------- running
@@ -321,7 +361,7 @@ def test_a_seed_slice_runs_its_cells_only_and_a_carried_store_rebuilds_missing_m
     to the same numbers."""
     config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:1])
     with pytest.raises(ConfigError, match="--seed 5: not among the config's seeds"):
-        prepare(config, tmp_path / "run", seeds=[5])
+        prepare(config, tmp_path / "run", cells=Slice(seeds=(5,)))
     assert run_bench(config, tmp_path / "run", seeds=[0]) == {"done": 4}
     store = Store(tmp_path / "run")
     assert store.counts() == {"done": 4, "pending": 4}

@@ -404,6 +404,9 @@ def bench_cmd(
         "(repeatable; with --seed, that seed's only)")] = None,
     seed: Annotated[Optional[list[int]], typer.Option(
         "--seed", help="run only this seed's cells (repeatable); the other seeds stay pending for a later run")] = None,
+    attack: Annotated[Optional[list[str]], typer.Option(
+        "--attack", metavar="ATTACK", help="run only this attack's cells (its name in the config; repeatable; with the "
+        "never-poisoned models its floor rows read), e.g. an attack just added to a grid")] = None,
 ) -> None:
     """Run a benchmark grid as independent cells into RUN_DIR/results.sqlite; finished cells are skipped,
     interrupted ones resumed, failed ones recorded (exit status 1 when any failed)."""
@@ -412,7 +415,7 @@ def bench_cmd(
     from unbackdoor.bench.runner import resolve_run_dir, run_bench
 
     counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None,
-                       rerun=rerun or ())
+                       rerun=rerun or (), attacks=attack or None)
     run = resolve_run_dir(load_bench_config(config_file), run_dir)
     typer.echo(summary_text(run), nl=False)
     typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +

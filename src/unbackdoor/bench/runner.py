@@ -43,7 +43,7 @@ from unbackdoor.bench.config import (
     load_bench_config,
     variant_spec,
 )
-from unbackdoor.bench.store import CellSpec, Claimed, Store, export_json
+from unbackdoor.bench.store import EVERY_CELL, CellSpec, Claimed, Slice, Store, export_json
 from unbackdoor.errors import ConfigError, UnbackdoorError
 from unbackdoor.data.io import load_task, read_meta, write_clean_task
 from unbackdoor.data.sampling import EVAL_CAP_SEED, cap_eval_splits
@@ -396,8 +396,8 @@ def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> b
 
 # ----------------------------------------------------------------------------- workers
 def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None,
-         seeds: Sequence[int] | None = None, max_cells: int | None = None) -> int:
-    """One worker: claim and run cells (of ``seeds``, if given) until none is left to claim and none
+         cells: Slice = EVERY_CELL, max_cells: int | None = None) -> int:
+    """One worker: claim and run cells (of the slice ``cells``) until none is left to claim and none
     is running, or until it ran ``max_cells``. Returns the number of cells this worker ran;
     ``on_cell()`` is called after each."""
     run_dir = Path(run_dir)
@@ -405,7 +405,7 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
     commit = git_commit()
     ran = 0
     while True:
-        cell = store.claim(seeds=seeds)
+        cell = store.claim(cells=cells)
         if cell is None:
             if store.counts().get("running", 0) == 0:
                 return ran
@@ -424,14 +424,15 @@ CELLS_PER_WORKER = 20  # [OURS] a worker process runs this many cells, then a fr
 RECYCLED = 3  # a worker's exit status when it stopped at CELLS_PER_WORKER (more cells may be left)
 
 
-def worker_command(run_dir: Path, seeds: Sequence[int] | None = None) -> list[str]:
+def worker_command(run_dir: Path, cells: Slice = EVERY_CELL) -> list[str]:
     """The command line of one worker process."""
-    seed_args = ["--seeds", ",".join(map(str, seeds))] if seeds is not None else []
-    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *seed_args,
+    slice_args = [*(["--seeds", ",".join(map(str, cells.seeds))] if cells.seeds is not None else []),
+                  *(["--attacks", ",".join(cells.attacks)] if cells.attacks is not None else [])]
+    return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *slice_args,
             "--max-cells", str(CELLS_PER_WORKER)]
 
 
-def spawn_workers(run_dir: Path, n: int, seeds: Sequence[int] | None = None) -> list[subprocess.Popen]:
+def spawn_workers(run_dir: Path, n: int, cells: Slice = EVERY_CELL) -> list[subprocess.Popen]:
     """``n`` worker processes, one torch thread each; with several GPUs, worker i sees GPU i mod #GPUs."""
     import torch
 
@@ -441,44 +442,40 @@ def spawn_workers(run_dir: Path, n: int, seeds: Sequence[int] | None = None) -> 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        procs.append(subprocess.Popen(worker_command(run_dir, seeds), env=env))
+        procs.append(subprocess.Popen(worker_command(run_dir, cells), env=env))
     return procs
 
 
-def _progress(store: Store, seeds: Sequence[int] | None) -> Any:
+def _progress(store: Store, cells: Slice) -> Any:
     from tqdm import tqdm
 
-    counts = store.counts(seeds)
+    counts = store.counts(cells)
     finished = counts.get("done", 0) + counts.get("failed", 0)
     return tqdm(total=sum(counts.values()), initial=finished, desc="cells", unit="cell", file=sys.stderr,
                 dynamic_ncols=True)
 
 
-def _refresh(bar: Any, store: Store, seeds: Sequence[int] | None) -> None:
-    counts = store.counts(seeds)
+def _refresh(bar: Any, store: Store, cells: Slice) -> None:
+    counts = store.counts(cells)
     bar.n = counts.get("done", 0) + counts.get("failed", 0)
     bar.set_postfix(failed=counts.get("failed", 0), running=counts.get("running", 0), refresh=False)
     bar.refresh()
 
 
 def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: bool = False,
-            seeds: Sequence[int] | None = None, rerun: Sequence[str] = ()) -> tuple[Path, Store]:
-    """Validate the config (and the seed slice), create or reopen the run dir's store, add the grid's
-    cells, re-queue failed cells if asked, the finished cells of the ``rerun`` defences (of the seed
-    slice; their outputs are removed first), dead workers' cells and finished cells whose models are gone."""
+            cells: Slice = EVERY_CELL, rerun: Sequence[str] = ()) -> tuple[Path, Store]:
+    """Validate the config (and the slice ``cells``), create or reopen the run dir's store, add the grid's
+    cells, re-queue failed cells if asked, the finished cells of the ``rerun`` defences (of the slice;
+    their outputs are removed first), dead workers' cells and finished cells whose models are gone."""
     config = load_bench_config(config_path)
-    unknown = sorted(set(seeds or ()) - set(config.seeds))
-    if unknown:
-        raise ConfigError(f"--seed {', '.join(map(str, unknown))}: not among the config's seeds "
-                          f"({', '.join(map(str, config.seeds))})")
+    check_slice(config, cells)
     strays = sorted(set(rerun) - {d.name for d in config.defenses})
     if strays:
         raise ConfigError(f"--rerun {', '.join(strays)}: not among the config's defences (a victim or the floor "
                           "is rerun by removing its model folder)")
     run = resolve_run_dir(config, run_dir)
-    cells = expand(config, capped_datasets(config, run))
     store = Store(run)
-    changed = store.add_cells(cells)
+    changed = store.add_cells(expand(config, capped_datasets(config, run)))
     if changed:
         raise ConfigError(f"{run}: holds cells of another config ({', '.join(changed[:3])}"
                           f"{', ...' if len(changed) > 3 else ''} differ or are gone); use another --run-dir "
@@ -489,7 +486,7 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
         logger.info("re-queued %d failed cells", store.retry_failed())
     if rerun:
         again = [c["id"] for c in store.cells() if c["defence"] in set(rerun) and c["status"] in ("done", "failed")
-                 and (seeds is None or c["seed"] in set(seeds))]
+                 and cells.holds(c)]
         for cid in again:
             shutil.rmtree(model_dir(run, cid), ignore_errors=True)  # the cell's own outputs, under the run dir
         store.requeue(again)
@@ -499,6 +496,16 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if lost:
         logger.warning("%d finished cells whose model folder is gone are run again: %s", len(lost), ", ".join(lost))
     return run, store
+
+
+def check_slice(config: BenchConfig, cells: Slice) -> None:
+    """A clear error when the slice names a seed or an attack the config does not have."""
+    for flag, asked, known in (("--seed", cells.seeds, config.seeds),
+                               ("--attack", cells.attacks, [a.name for a in config.attacks])):
+        unknown = sorted(set(asked or ()) - set(known))
+        if unknown:
+            raise ConfigError(f"{flag} {', '.join(map(str, unknown))}: not among the config's "
+                              f"{flag[2:]}s ({', '.join(map(str, known))})")
 
 
 def capped_datasets(config: BenchConfig, run: Path) -> dict[str, str]:
@@ -540,40 +547,42 @@ def requeue_lost_models(run: Path, store: Store) -> list[str]:
 
 def run_bench(config_path: str | Path, run_dir: str | Path | None = None, workers: int = 1,
               retry_failed: bool = False, poll_s: float = 2.0, seeds: Sequence[int] | None = None,
-              rerun: Sequence[str] = ()) -> dict[str, int]:
-    """Run (or resume) a grid, or only the cells of ``seeds`` (a slice: the other seeds' cells stay
-    pending in the store, for a later run); return the slice's cell counts by status. Results:
-    RUN_DIR/results.sqlite (+ results.json)."""
+              rerun: Sequence[str] = (), attacks: Sequence[str] | None = None) -> dict[str, int]:
+    """Run (or resume) a grid, or only the cells of ``seeds`` and/or ``attacks`` (a slice: the other
+    cells stay pending in the store, for a later run); return the slice's cell counts by status.
+    Results: RUN_DIR/results.sqlite (+ results.json)."""
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
-    run, store = prepare(config_path, run_dir, retry_failed, seeds, rerun)
-    bar = _progress(store, seeds)
+    cells = Slice(None if seeds is None else tuple(seeds), None if attacks is None else tuple(attacks))
+    run, store = prepare(config_path, run_dir, retry_failed, cells, rerun)
+    bar = _progress(store, cells)
     try:
         if workers == 1:
-            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, seeds), seeds=seeds)
+            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, cells), cells=cells)
         else:
-            procs = spawn_workers(run, workers, seeds)
+            procs = spawn_workers(run, workers, cells)
             while procs:
-                _refresh(bar, store, seeds)
+                _refresh(bar, store, cells)
                 time.sleep(poll_s)
                 recycled = [p for p in procs if p.poll() == RECYCLED]
                 procs = [p for p in procs if p.poll() is None]
                 if recycled:  # memory a process gathers over many cells is returned; the work goes on
-                    procs += spawn_workers(run, len(recycled), seeds)
-        _refresh(bar, store, seeds)
+                    procs += spawn_workers(run, len(recycled), cells)
+        _refresh(bar, store, cells)
     finally:
         bar.close()
     export_json(store, run / RESULTS_JSON)
-    return store.counts(seeds)
+    return store.counts(cells)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """A worker process: ``python -m unbackdoor.bench.runner RUN_DIR [--seeds 0,1]``."""
+    """A worker process: ``python -m unbackdoor.bench.runner RUN_DIR [--seeds 0,1] [--attacks a,b]``."""
     import argparse
 
     parser = argparse.ArgumentParser(prog="unbackdoor.bench.runner")
     parser.add_argument("run_dir", type=Path)
-    parser.add_argument("--seeds", type=lambda text: [int(s) for s in text.split(",")], default=None)
+    parser.add_argument("--seeds", type=lambda text: tuple(int(s) for s in text.split(",")), default=None)
+    parser.add_argument("--attacks", type=lambda text: tuple(text.split(",")), default=None)
     parser.add_argument("--max-cells", type=int, default=None, help="exit (status 3) after this many cells")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -585,7 +594,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(1)
-    ran = work(args.run_dir, seeds=args.seeds, max_cells=args.max_cells)
+    ran = work(args.run_dir, cells=Slice(args.seeds, args.attacks), max_cells=args.max_cells)
     if args.max_cells is not None and ran >= args.max_cells:
         sys.exit(RECYCLED)
 

@@ -13,7 +13,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,34 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 """
+
+
+@dataclass(frozen=True)
+class Slice:
+    """The cells one run works on: those of ``seeds`` and of ``attacks`` (None: all). An attack slice
+    also holds the never-poisoned model cells (attack ``""``), whose models every floor row reads."""
+
+    seeds: tuple[int, ...] | None = None
+    attacks: tuple[str, ...] | None = None
+
+    def where(self) -> tuple[str, tuple[Any, ...]]:
+        """``AND ...`` clauses selecting the slice's cells, and their parameters."""
+        clause, params = "", ()
+        if self.seeds is not None:
+            clause += f" AND seed IN ({', '.join('?' * len(self.seeds))})"
+            params += tuple(self.seeds)
+        if self.attacks is not None:
+            clause += f" AND attack IN ({', '.join('?' * (len(self.attacks) + 1))})"
+            params += (*self.attacks, "")
+        return clause, params
+
+    def holds(self, cell: dict[str, Any]) -> bool:
+        """Whether a store row (``seed``, ``attack``) is in the slice."""
+        return ((self.seeds is None or cell["seed"] in self.seeds)
+                and (self.attacks is None or cell["attack"] in (*self.attacks, "")))
+
+
+EVERY_CELL = Slice()
 
 
 @dataclass(frozen=True)
@@ -156,14 +184,14 @@ class Store:
             return con.execute("UPDATE cells SET status = 'pending', error = NULL WHERE status = 'failed'").rowcount
 
     # ------------------------------------------------------------------ claiming
-    def claim(self, pid: int | None = None, seeds: Collection[int] | None = None) -> Claimed | None:
-        """Take the first pending cell (of ``seeds``, if given) whose dependencies are done (one write
+    def claim(self, pid: int | None = None, cells: Slice = EVERY_CELL) -> Claimed | None:
+        """Take the first pending cell (of the slice ``cells``) whose dependencies are done (one write
         transaction), or None."""
         pid = os.getpid() if pid is None else pid
         with self._transaction() as con:
             self._reset_dead(con)
             status = {r["id"]: r["status"] for r in con.execute("SELECT id, status FROM cells")}
-            where, params = _seed_filter(seeds)
+            where, params = cells.where()
             for row in con.execute(f"SELECT id, kind, after, config, attempts FROM cells WHERE status = 'pending'{where} "
                                    "ORDER BY position", params).fetchall():
                 after = json.loads(row["after"])
@@ -218,9 +246,9 @@ class Store:
             con.execute("UPDATE attempts SET outcome = ?, finished_at = ? WHERE cell_id = ? AND attempt = ?",
                         (status, now, cell.id, cell.attempt))
 
-    def counts(self, seeds: Collection[int] | None = None) -> dict[str, int]:
-        """Number of cells per status (of ``seeds``, if given)."""
-        where, params = _seed_filter(seeds)
+    def counts(self, cells: Slice = EVERY_CELL) -> dict[str, int]:
+        """Number of cells per status (of the slice ``cells``)."""
+        where, params = cells.where()
         with self._connect() as con:
             return {r["status"]: r["n"] for r in con.execute(
                 f"SELECT status, COUNT(*) AS n FROM cells WHERE 1{where} GROUP BY status", params)}
@@ -235,14 +263,6 @@ class Store:
     def attempts(self) -> list[dict[str, Any]]:
         with self._connect() as con:
             return [dict(r) for r in con.execute("SELECT * FROM attempts ORDER BY started_at").fetchall()]
-
-
-def _seed_filter(seeds: Collection[int] | None) -> tuple[str, tuple[int, ...]]:
-    """An ``AND seed IN (...)`` clause and its parameters, or nothing for every seed."""
-    if seeds is None:
-        return "", ()
-    seeds = tuple(seeds)
-    return f" AND seed IN ({', '.join('?' * len(seeds))})", seeds
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:
