@@ -17,7 +17,7 @@ from bench_grid import DEFENCES, tiny_inputs, write_grid
 from synthetic import run_cli
 
 from unbackdoor.bench.config import load_bench_config
-from unbackdoor.bench.runner import expand, prepare, run_bench, victim_data, worker_command
+from unbackdoor.bench.runner import expand, prepare, run_bench, victim_data, warn_oversubscribed, worker_command
 from unbackdoor.bench.store import CellSpec, Slice, Store
 from unbackdoor.data import load_poisoned_task
 from unbackdoor.detect.metrics import scores_file_metrics
@@ -199,6 +199,35 @@ def test_a_worker_process_keeps_to_its_slice(tmp_path: Path) -> None:
     command = worker_command(tmp_path, Slice(seeds=(1,), attacks=("y",)))
     assert subprocess.run(command, stderr=subprocess.DEVNULL, timeout=120).returncode == 0
     assert sorted(_attempts_by_cell(store)) == ["clean/s1", "y/s1"]
+
+
+def test_a_multithreaded_worker_beside_another_process_on_the_store_is_warned(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Two processes with a torch thread per core each, on one store, oversubscribe the cores: the one
+    with several threads says so; a one-thread worker (what ``--workers N`` spawns) and a lone
+    process do not."""
+    import torch
+
+    store = Store(tmp_path)
+    store.add_cells([CellSpec(f"c{i}", "victim", "d", "a", "none", 0, {}) for i in range(2)])
+    store.claim()  # this process: not "another"
+    assert store.other_workers() == [] and not warn_oversubscribed(store)
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    threads = torch.get_num_threads()
+    try:
+        assert store.claim(pid=other.pid) is not None
+        assert store.other_workers() == [other.pid]
+        torch.set_num_threads(2)
+        with caplog.at_level("WARNING", logger="unbackdoor.bench.runner"):
+            assert warn_oversubscribed(store)
+        assert f"another process (pid {other.pid})" in caplog.text and "oversubscribed" in caplog.text
+        torch.set_num_threads(1)
+        assert not warn_oversubscribed(store)
+    finally:
+        torch.set_num_threads(threads)
+        other.kill()
+        other.wait()
+    assert store.other_workers() == []  # a dead worker is not counted
 
 
 def test_cli_attack_outside_the_grid_exits_2(tmp_path: Path, inputs: tuple[Path, Path], capsys) -> None:  # noqa: ANN001

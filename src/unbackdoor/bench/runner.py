@@ -403,9 +403,11 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
     run_dir = Path(run_dir)
     store = Store(run_dir)
     commit = git_commit()
-    ran = 0
+    ran, warned = 0, False
     while True:
         cell = store.claim(cells=cells)
+        if not warned:
+            warned = warn_oversubscribed(store)
         if cell is None:
             if store.counts().get("running", 0) == 0:
                 return ran
@@ -418,6 +420,23 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
             on_cell()
         if max_cells is not None and ran >= max_cells:
             return ran
+
+
+def warn_oversubscribed(store: Store) -> bool:
+    """Warn (and return True) when this process runs several torch threads while another process of this
+    host works on the same store: each then takes a thread per core, and the cores, oversubscribed, ran
+    cells 10-20 times slower here (two ``bench --workers 1`` processes on 2 cores). One ``bench
+    --workers N`` gives each worker one thread."""
+    import torch
+
+    others = store.other_workers()
+    if not others or torch.get_num_threads() == 1:
+        return False
+    logger.warning("another process (pid %s) runs cells of this store on this host while this one uses %d torch "
+                   "threads: the cores are oversubscribed and every cell runs many times slower; run one "
+                   "`unbackdoor bench --workers N` instead (one thread per worker), or set OMP_NUM_THREADS so the "
+                   "threads add up to the cores", ", ".join(map(str, others)), torch.get_num_threads())
+    return True
 
 
 CELLS_PER_WORKER = 20  # [OURS] a worker process runs this many cells, then a fresh one takes over

@@ -224,6 +224,13 @@ class Store:
         con.execute("UPDATE cells SET status = 'failed', error = ?, finished_at = ? WHERE id = ?",
                     (f"not run: dependency failed ({', '.join(failed)})", time.time(), cell_id))
 
+    def other_workers(self) -> list[int]:
+        """Live processes of this host, other than this one, running a cell of this store."""
+        with self._connect() as con:
+            pids = {r["pid"] for r in con.execute("SELECT pid FROM cells WHERE status = 'running' AND host = ?",
+                                                  (self.host,))}
+        return sorted(p for p in pids if p is not None and p != os.getpid() and pid_alive(p))
+
     def reset_dead_workers(self) -> None:
         """Reset running cells whose worker died (done at every claim too)."""
         with self._transaction() as con:
