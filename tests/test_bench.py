@@ -381,6 +381,11 @@ def test_run_dir_of_another_config_is_refused_but_a_grown_grid_is_not(tmp_path: 
     with pytest.raises(ConfigError, match="another config"):
         prepare(write_grid(tmp_path / "d.yaml", *inputs, defenses=DEFENCES[:2], seeds=[0, 1],
                            train={"epochs": 1}), tmp_path / "run")  # changed
+    with pytest.raises(ConfigError, match=r"another config .*in syn/s0/floor-model: train.epochs 3 -> 1"):
+        prepare(write_grid(tmp_path / "e.yaml", *inputs, defenses=DEFENCES[:2], seeds=[0, 1, 2],
+                           train={"epochs": 1, "batch_size": 16, "learning_rate": 1.0e-3}),
+                tmp_path / "run")  # grown and changed: the message says where
+    assert sum(store.counts().values()) == 2 * 5  # a refused config added nothing
 
 
 def test_a_seed_slice_runs_its_cells_only_and_a_carried_store_rebuilds_missing_models(

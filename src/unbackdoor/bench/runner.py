@@ -494,11 +494,12 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
                           "is rerun by removing its model folder)")
     run = resolve_run_dir(config, run_dir)
     store = Store(run)
-    changed = store.add_cells(expand(config, capped_datasets(config, run)))
+    grid = expand(config, capped_datasets(config, run))
+    changed = store.add_cells(grid)
     if changed:
         raise ConfigError(f"{run}: holds cells of another config ({', '.join(changed[:3])}"
-                          f"{', ...' if len(changed) > 3 else ''} differ or are gone); use another --run-dir "
-                          "(adding seeds, attacks or defences to a config is fine)")
+                          f"{', ...' if len(changed) > 3 else ''} differ or are gone{_first_difference(store, grid)}); "
+                          "use another --run-dir (adding seeds, attacks or defences to a config is fine)")
     store.set_meta("config", config.model_dump(mode="json"))
     write_json(run / CONFIG_COPY, config.model_dump(mode="json"))
     if retry_failed:
@@ -515,6 +516,26 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     if lost:
         logger.warning("%d finished cells whose model folder is gone are run again: %s", len(lost), ", ".join(lost))
     return run, store
+
+
+def _first_difference(store: Store, grid: Sequence[CellSpec]) -> str:
+    """Where the first stored cell that the grid also has differs from it, e.g. ``; in X: dataset.spec
+    'a' -> 'b'`` (a run dir given once relative and once absolute changes every cell's data path)."""
+    stored = {c["id"]: c["config"] for c in store.cells()}
+    for cell in grid:
+        if cell.id in stored and stored[cell.id] != cell.config:
+            path, old, new = _dict_difference(stored[cell.id], cell.config)
+            return f"; in {cell.id}: {path} {old!r} -> {new!r}"
+    return ""
+
+
+def _dict_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any]:
+    """The first key path where two JSON values differ, and the two values there."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                return _dict_difference(old.get(key), new.get(key), f"{path}.{key}" if path else key)
+    return path, old, new
 
 
 def check_slice(config: BenchConfig, cells: Slice) -> None:

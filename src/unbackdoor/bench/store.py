@@ -143,25 +143,25 @@ class Store:
 
     # ------------------------------------------------------------------ grid
     def add_cells(self, cells: Sequence[CellSpec]) -> list[str]:
-        """Insert cells not yet stored; return ids whose stored config differs from the given one."""
-        changed = []
+        """Insert cells not yet stored and return []; or, when stored cells are gone from ``cells`` or hold
+        another config, return their ids and write nothing (a refused config leaves the store as it was)."""
         with self._transaction() as con:
-            wanted = {cell.id for cell in cells}
-            changed += [r["id"] for r in con.execute("SELECT id FROM cells") if r["id"] not in wanted]
+            stored = {r["id"]: r["config"] for r in con.execute("SELECT id, config FROM cells")}
+            configs = {cell.id: json.dumps(cell.config, sort_keys=True) for cell in cells}
+            changed = [cid for cid in stored if cid not in configs]
+            changed += [cell.id for cell in cells if cell.id in stored and stored[cell.id] != configs[cell.id]]
+            if changed:
+                return changed
             for position, cell in enumerate(cells):
-                config = json.dumps(cell.config, sort_keys=True)
-                row = con.execute("SELECT config FROM cells WHERE id = ?", (cell.id,)).fetchone()
-                if row is not None:
-                    if row["config"] != config:
-                        changed.append(cell.id)
+                if cell.id in stored:
                     con.execute("UPDATE cells SET position = ? WHERE id = ?", (position, cell.id))
                     continue
                 con.execute(
                     "INSERT INTO cells (id, position, kind, dataset, attack, defence, seed, after, config) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (cell.id, position, cell.kind, cell.dataset, cell.attack, cell.defence, cell.seed,
-                     json.dumps(list(cell.after)), config))
-        return changed
+                     json.dumps(list(cell.after)), configs[cell.id]))
+        return []
 
     def set_meta(self, key: str, value: Any) -> None:
         with self._transaction() as con:
