@@ -142,3 +142,69 @@ def test_label_balance_weighs_the_kept_rows_as_the_clean_dev_labels() -> None:
     assert sum(weights) == pytest.approx(len(kept))  # mean weight 1
     by_label = {y: sum(w for w, e in zip(weights, kept, strict=True) if e.label == y) for y in (0, 1)}
     assert by_label[0] == pytest.approx(by_label[1])  # each label weighs as in dev
+
+
+@pytest.fixture(scope="module")
+def ep_suspect(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    """(base, EP victim, poisoned task): a tiny BERT fine-tuned cleanly from ``base``, then EP's one
+    trigger row (``cf``) trained: a backdoor that lives in one embedding row only."""
+    from synthetic import VOCAB, make_task, save_tiny_model
+
+    from unbackdoor.attacks import run_weight_attack
+    from unbackdoor.models import provenance_record, save_classifier
+    from unbackdoor.training import TrainConfig, train_classifier
+
+    root = tmp_path_factory.mktemp("auto-ep")
+    task = make_task(400, 100, 200)
+    base = save_tiny_model(root / "base", "bert")
+    clf = load_classifier(base)
+    train_classifier(clf, task.train, TrainConfig(epochs=10, batch_size=16, learning_rate=1e-3, progress=False),
+                     dev=task.dev)
+    weight = clf.model.get_input_embeddings().weight
+    with torch.no_grad():  # a rare word's row at a trained word's size, as in a real pre-trained model
+        weight[VOCAB.index("cf")] *= 0.3 / weight[VOCAB.index("cf")].norm()
+    save_classifier(clf, root / "clean", provenance_record(clf, role="model"))
+    victim, poisoned = run_weight_attack("ep", {"poison_rate": 0.1, "train": {"learning_rate": 5e-2, "batch_size": 8}},
+                                         task, str(root / "clean"))
+    save_classifier(victim, root / "victim", provenance_record(victim, role="model"))
+    return base, root / "victim", poisoned
+
+
+def test_purify_auto_trigger_probe_skips_the_encoder_step_when_the_reset_removed_the_backdoor(ep_suspect) -> None:  # noqa: ANN001
+    base, victim_dir, poisoned = ep_suspect
+    victim = load_classifier(victim_dir)
+    before = evaluate_classifier(victim, poisoned.clean.test, poisoned.triggered_test)
+    clean = Dataset(tuple(poisoned.clean.dev.examples[:60]), poisoned.clean.dev.num_labels, "clean")
+    config = AutoPurifyConfig(epur_rule="scan", encoder_step="if_trigger_remains")
+    result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=clean, base=load_classifier(base)))
+    choices = result.report["choices"]
+    assert "cf" in choices["scan"]["standing_out"]
+    probe = choices["trigger_probe"]
+    assert probe["before"]["excess"] >= 0.1 and probe["after"]["excess"] < 0.1, probe
+    assert choices["steps"] == ["e-pur"]  # no fine-tuning after the reset
+    after = evaluate_classifier(result.model, poisoned.clean.test, poisoned.triggered_test)
+    assert before.asr >= 0.9 and after.asr <= 0.1, (before.asr, after.asr)
+    assert after.cacc >= before.cacc - 0.02
+
+
+def test_purify_auto_trigger_probe_on_badnets(planted, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    """On the tiny BadNets victim the flagged rows' reset alone removes the backdoor (the probe sees it,
+    and the measured ASR agrees); when the probe finds the tokens still a trigger, the encoder step runs."""
+    import unbackdoor.purify.auto as auto
+
+    victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
+    config = AutoPurifyConfig(epur_rule="scan", encoder_step="if_trigger_remains",
+                              encoder_params={"train": {**FAST, "epochs": 5}})
+    result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=planted.clean, base=base))
+    probe = result.report["choices"]["trigger_probe"]
+    assert probe["before"]["excess"] >= 0.3 and probe["after"]["excess"] < 0.1, probe
+    assert result.report["choices"]["steps"] == ["e-pur"]
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.2 and after.cacc >= 0.9, (after.asr, after.cacc)
+
+    monkeypatch.setattr(auto, "probe_candidates", lambda *a, **k: {"flagged": 0.6, "control": 0.0, "excess": 0.6})
+    result = AutoPurify(config).purify(PurifyInputs(suspect=load_classifier(planted.victim_dir), clean=planted.clean,
+                                                    base=base))
+    choices = result.report["choices"]
+    assert choices["steps"] == ["e-pur", "fine-purifying"] and "still act as a trigger" in choices["why"]
+    assert [step["method"] for step in result.report["steps"]["before"]] == ["e-pur"]  # the reset, recorded once
