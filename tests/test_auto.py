@@ -37,7 +37,7 @@ def test_purify_auto_resets_standing_out_embeddings_first_and_removes_the_backdo
     victim, base = load_classifier(planted.victim_dir), load_classifier(planted.base_dir)
     before = evaluate_classifier(victim, planted.task.test, planted.poisoned.triggered_test)
     # scan's rule: the tiny vocabulary has 44 scored rows, fewer than E-PUR's default top 200
-    config = AutoPurifyConfig(epur_rule="scan", encoder_params={"train": {**FAST, "epochs": 5}})
+    config = AutoPurifyConfig(epur_rule="scan", encoder_step="always", encoder_params={"train": {**FAST, "epochs": 5}})
     result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=planted.clean, base=base))
     choices = result.report["choices"]
     assert set(choices["scan"]["standing_out"]) & {"cf", "mn", "bb", "tq"}  # the trigger rows drifted
@@ -175,7 +175,7 @@ def test_purify_auto_trigger_probe_skips_the_encoder_step_when_the_reset_removed
     victim = load_classifier(victim_dir)
     before = evaluate_classifier(victim, poisoned.clean.test, poisoned.triggered_test)
     clean = Dataset(tuple(poisoned.clean.dev.examples[:60]), poisoned.clean.dev.num_labels, "clean")
-    config = AutoPurifyConfig(epur_rule="scan", encoder_step="if_trigger_remains")
+    config = AutoPurifyConfig(epur_rule="scan")  # encoder_step=if_trigger_remains, the default
     result = AutoPurify(config).purify(PurifyInputs(suspect=victim, clean=clean, base=load_classifier(base)))
     choices = result.report["choices"]
     assert "cf" in choices["scan"]["standing_out"]

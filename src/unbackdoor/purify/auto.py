@@ -24,7 +24,9 @@ Steps, each choice logged and recorded in the report (``unbackdoor.json``'s ``de
    The probe reads only scan's tokens and the clean set. Why: on the weight attacks whose backdoor is
    in a few embedding rows (EP, SOS, the surgery of RIPPLES) the reset alone may remove it, and the
    fine-tuning on a small clean set that follows costs accuracy and can make the model lean to one
-   label. Whether to use it is measured on the OLID development grid (``docs/results/auto.md``).
+   label. The default since the OLID development grid (``benchmarks/dev_olid_weights.yaml``, 2 seeds):
+   it held 7 of 10 (attack, seed) pairs against 6 for ``always``, at 1.2 CACC points more on the
+   weight attacks, and kept the encoder step on every data-attack cell (``docs/results/auto.md``).
 4. Without a base: clean fine-tuning (the only method that needs nothing else).
 """
 
@@ -65,9 +67,9 @@ class AutoPurifyConfig(StrictConfig):
     margin: float = Field(1.5, gt=1, description="scan's rule: a row stands out at this multiple of the best score "
                           "among tokens in clean use")
     encoder_step: Literal["always", "if_trigger_remains"] = Field(
-        "always", description="always: the encoder method after the embedding step; if_trigger_remains: only when the "
-        "trigger probe (scan's tokens inserted into the clean rows) says the embedding step did not remove the backdoor "
-        "[OURS; measured on the OLID development grid]")
+        "if_trigger_remains", description="if_trigger_remains: the encoder method after the embedding step only when the "
+        "trigger probe (scan's tokens inserted into the clean rows) says the embedding step did not remove the backdoor; "
+        "always: every time [OURS; chosen on the OLID development grid, docs/results/auto.md]")
     flip_margin: float = Field(0.1, gt=0, lt=1, description="trigger probe: the flagged tokens act as a trigger when their "
                                "flip rate exceeds that of as many random clean words by this much [OURS]")
 
