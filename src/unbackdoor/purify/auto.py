@@ -20,7 +20,8 @@ Steps, each choice logged and recorded in the report (``unbackdoor.json``'s ``de
    ``encoder_step=if_trigger_remains`` the encoder step is skipped when a **trigger probe** says the
    embedding step removed the backdoor (:func:`probe_candidates`): the tokens scan flagged, inserted
    together into the clean rows, changed the suspect's predictions (flip rate at least ``flip_margin``
-   over inserting as many random words of the clean text) and no longer change the reset model's.
+   over inserting as many of the clean text's most frequent words) and no longer change the reset
+   model's.
    The probe reads only scan's tokens and the clean set. Why: on the weight attacks whose backdoor is
    in a few embedding rows (EP, SOS, the surgery of RIPPLES) the reset alone may remove it, and the
    fine-tuning on a small clean set that follows costs accuracy and can make the model lean to one
@@ -71,7 +72,7 @@ class AutoPurifyConfig(StrictConfig):
         "trigger probe (scan's tokens inserted into the clean rows) says the embedding step did not remove the backdoor; "
         "always: every time [OURS; chosen on the OLID development grid, docs/results/auto.md]")
     flip_margin: float = Field(0.1, gt=0, lt=1, description="trigger probe: the flagged tokens act as a trigger when their "
-                               "flip rate exceeds that of as many random clean words by this much [OURS]")
+                               "flip rate exceeds that of as many of the clean text's most frequent words by this much [OURS]")
 
 
 @PURIFY_DEFENSES.register("auto")
@@ -156,7 +157,8 @@ def probe_candidates(clf: Classifier, clean: Dataset, words: Sequence[str], seed
     control: function words in real text, which carry no label), and their difference (``excess``)
     [OURS]. Inserting a trigger changes many predictions; neutral words few. (Random clean words are no
     control: in a sentiment task they are often sentiment words.)"""
-    counts = Counter(w for e in clean.examples for w in e.text.lower().split() if w not in set(words))
+    flagged = set(words)
+    counts = Counter(w for e in clean.examples for w in e.text.lower().split() if w not in flagged)
     control = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:len(words)]]
     plain = predict(clf, clean.examples)
     rates = {name: float(np.mean(predict(clf, inserted(clean, chosen, f"{seed}-{name}")) != plain))
