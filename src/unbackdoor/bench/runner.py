@@ -498,7 +498,8 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     changed = store.add_cells(grid)
     if changed:
         raise ConfigError(f"{run}: holds cells of another config ({', '.join(changed[:3])}"
-                          f"{', ...' if len(changed) > 3 else ''} differ or are gone{_first_difference(store, grid)}); "
+                          f"{', ...' if len(changed) > 3 else ''} differ or are gone"
+                          f"{_first_difference(store, grid, changed)}); "
                           "use another --run-dir (adding seeds, attacks or defences to a config is fine)")
     store.set_meta("config", config.model_dump(mode="json"))
     write_json(run / CONFIG_COPY, config.model_dump(mode="json"))
@@ -518,15 +519,17 @@ def prepare(config_path: str | Path, run_dir: str | Path | None, retry_failed: b
     return run, store
 
 
-def _first_difference(store: Store, grid: Sequence[CellSpec]) -> str:
-    """Where the first stored cell that the grid also has differs from it, e.g. ``; in X: dataset.spec
-    'a' -> 'b'`` (a run dir given once relative and once absolute changes every cell's data path)."""
-    stored = {c["id"]: c["config"] for c in store.cells()}
-    for cell in grid:
-        if cell.id in stored and stored[cell.id] != cell.config:
-            path, old, new = _dict_difference(stored[cell.id], cell.config)
-            return f"; in {cell.id}: {path} {old!r} -> {new!r}"
-    return ""
+def _first_difference(store: Store, grid: Sequence[CellSpec], changed: Sequence[str]) -> str:
+    """Where the first of the ``changed`` cells (as ``Store.add_cells`` found them) that the grid still has
+    differs from its stored config, e.g. ``; in X: dataset.spec 'a' -> 'b'`` (a run dir given once
+    relative and once absolute changes every cell's data path); "" when only cells are gone."""
+    given = {cell.id: cell.config for cell in grid}
+    cell_id = next((cid for cid in changed if cid in given), None)
+    if cell_id is None:
+        return ""
+    stored = next(c["config"] for c in store.cells() if c["id"] == cell_id)
+    path, old, new = _dict_difference(stored, json.loads(json.dumps(given[cell_id])))  # compared as stored: JSON
+    return f"; in {cell_id}: {path} {old!r} -> {new!r}"
 
 
 def _dict_difference(old: Any, new: Any, path: str = "") -> tuple[str, Any, Any]:
