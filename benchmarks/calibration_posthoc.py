@@ -3,7 +3,8 @@ models a bench run kept: for each done cell of the named defences whose model fo
 CACC, ASR and the clean → target lean (clean non-target test rows called the target) before and after
 shifting the head's bias to the clean dev set's label shares. A model retrained from the base is the
 same with or without the step until the step runs (same seed, same training), so this measures the
-option without retraining. Prints a Markdown table (docs/results/auto.md).
+option without retraining. Prints a Markdown table (docs/results/auto.md). The bench removes a defence
+cell's model once measured: run the grid with ``unbackdoor bench ... --keep-models`` first.
 
     python benchmarks/calibration_posthoc.py RUN_DIR [RUN_DIR ...] [--defences auto,auto-balanced]
 

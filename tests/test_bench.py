@@ -249,7 +249,12 @@ def test_grid_runs_every_cell_once_and_a_rerun_skips_them(tmp_path: Path, inputs
     assert victim["config"]["attack"]["name"] == "badnets"
     assert cells["syn/s0/floor-model"]["asr"] is None  # clean model on clean data: no ASR
     assert (tmp_path / "run" / "results.json").is_file()
-    assert (tmp_path / "run" / "models" / "syn" / "badnets" / "s0" / "none" / "model" / "unbackdoor.json").is_file()
+    models = tmp_path / "run" / "models" / "syn"
+    assert (models / "badnets" / "s0" / "none" / "model" / "unbackdoor.json").is_file()
+    # a measured defence's model is removed (no cell reads it), its report kept in the cell folder
+    assert not (models / "badnets" / "s0" / "finetune" / "model").exists()
+    assert (models / "badnets" / "s0" / "finetune" / "unbackdoor.json").is_file()
+    assert (models / "s0" / "floor-model" / "model").is_dir()
 
     # the unlearn cell's detect step, scored against the true flags after the defence ran
     unlearn = cells["syn/badnets/s0/lya"]
@@ -290,6 +295,16 @@ def test_failed_cell_is_recorded_and_the_rest_finish(tmp_path: Path, inputs: tup
     assert attempts["syn/badnets/s0/none"] == ["done"]  # not rerun
 
 
+def test_a_transaction_sqlite_already_rolled_back_raises_its_own_error(tmp_path: Path) -> None:
+    """On a full disk SQLite rolls the transaction back itself; the store's ROLLBACK must not then hide
+    the error ("cannot rollback - no transaction is active", seen when a grid filled the disk)."""
+    store = Store(tmp_path)
+    with pytest.raises(OSError, match="No space left"), store._transaction() as con:
+        con.execute("ROLLBACK")  # what SQLite does on SQLITE_FULL
+        raise OSError(28, "No space left on device")
+    assert store.counts() == {}  # the store is still usable
+
+
 def test_resume_after_kill_runs_no_cell_twice_and_loses_none(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:2])
     run_dir, store = prepare(config, tmp_path / "run")
@@ -317,8 +332,10 @@ def test_resume_after_kill_runs_no_cell_twice_and_loses_none(tmp_path: Path, inp
 
 def test_two_worker_processes_share_the_grid(tmp_path: Path, inputs: tuple[Path, Path]) -> None:
     config = write_grid(tmp_path / "grid.yaml", *inputs, seeds=[0, 1], defenses=DEFENCES[:1])
-    counts = run_bench(config, tmp_path / "run", workers=2, poll_s=0.2)
+    counts = run_bench(config, tmp_path / "run", workers=2, poll_s=0.2, keep_models=True)
     assert counts == {"done": 8}
+    for seed in (0, 1):  # --keep-models reaches the worker processes
+        assert (tmp_path / "run" / "models" / "syn" / "badnets" / f"s{seed}" / DEFENCES[0]["name"] / "model").is_dir()
     store = Store(tmp_path / "run")
     attempts = _attempts_by_cell(store)
     assert len(attempts) == 8 and all(v == ["done"] for v in attempts.values())

@@ -407,6 +407,9 @@ def bench_cmd(
     attack: Annotated[Optional[list[str]], typer.Option(
         "--attack", metavar="ATTACK", help="run only this attack's cells (its name in the config; repeatable; with the "
         "never-poisoned models its floor rows read), e.g. an attack just added to a grid")] = None,
+    keep_models: Annotated[bool, typer.Option(
+        "--keep-models", help="keep every defence cell's model (default: removed once measured, its unbackdoor.json "
+        "kept in the cell folder; victims and never-poisoned models are always kept)")] = False,
 ) -> None:
     """Run a benchmark grid as independent cells into RUN_DIR/results.sqlite; finished cells are skipped,
     interrupted ones resumed, failed ones recorded (exit status 1 when any failed)."""
@@ -415,7 +418,7 @@ def bench_cmd(
     from unbackdoor.bench.runner import resolve_run_dir, run_bench
 
     counts = run_bench(config_file, run_dir, workers=workers, retry_failed=retry_failed, seeds=seed or None,
-                       rerun=rerun or (), attacks=attack or None)
+                       rerun=rerun or (), attacks=attack or None, keep_models=keep_models)
     run = resolve_run_dir(load_bench_config(config_file), run_dir)
     typer.echo(summary_text(run), nl=False)
     typer.echo(", ".join(f"{n} {status}" for status, n in sorted(counts.items())) +

@@ -375,8 +375,21 @@ def peak_memory(scope: str) -> float:
     return peak_memory_mb()
 
 
-def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> bool:
-    """Run a claimed cell and record its outcome; a failure is recorded, never raised."""
+def prune_model(run_dir: Path, cell: Claimed) -> None:
+    """Remove a finished defence cell's model folder, moving its ``unbackdoor.json`` (the defence's
+    report and choices) up into the cell folder. No later cell reads a defence's model (they read the
+    victims and never-poisoned models), and at ~90 MB per MiniLM model a 645-cell grid kept 56 GB."""
+    folder = model_dir(run_dir, cell.id)
+    if cell.kind not in PRUNED_KINDS or not (folder / "model").is_dir():
+        return
+    if (folder / "model" / "unbackdoor.json").exists():
+        os.replace(folder / "model" / "unbackdoor.json", folder / "unbackdoor.json")
+    shutil.rmtree(folder / "model")
+
+
+def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None, keep_models: bool = False) -> bool:
+    """Run a claimed cell and record its outcome; a failure is recorded, never raised. A finished
+    defence cell's model is then removed unless ``keep_models`` (:func:`prune_model`)."""
     scope = reset_peak_memory()
     start = time.perf_counter()
     metrics, error = None, None
@@ -391,12 +404,14 @@ def execute(run_dir: Path, store: Store, cell: Claimed, commit: str | None) -> b
         logger.warning("cell %s failed: %s", cell.id, error.splitlines()[0])
     store.finish(cell, metrics=metrics, error=error, wall_s=wall, peak_memory_mb=peak_memory(scope),
                  peak_memory_scope=scope, version=__version__, git_commit=commit)
+    if error is None and not keep_models:  # after finish: an interrupted cell never finds its model gone
+        prune_model(run_dir, cell)
     return error is None
 
 
 # ----------------------------------------------------------------------------- workers
 def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None] | None = None,
-         cells: Slice = EVERY_CELL, max_cells: int | None = None) -> int:
+         cells: Slice = EVERY_CELL, max_cells: int | None = None, keep_models: bool = False) -> int:
     """One worker: claim and run cells (of the slice ``cells``) until none is left to claim and none
     is running, or until it ran ``max_cells``. Returns the number of cells this worker ran;
     ``on_cell()`` is called after each."""
@@ -414,7 +429,7 @@ def work(run_dir: str | Path, *, poll_s: float = 2.0, on_cell: Callable[[], None
             time.sleep(poll_s)  # waiting for another worker's cell this grid depends on
             continue
         logger.info("cell %s (attempt %d)", cell.id, cell.attempt)
-        execute(run_dir, store, cell, commit)
+        execute(run_dir, store, cell, commit, keep_models)
         ran += 1
         if on_cell is not None:
             on_cell()
@@ -439,19 +454,20 @@ def warn_oversubscribed(store: Store) -> bool:
     return True
 
 
+PRUNED_KINDS = ("train", "purify", "unlearn")  # defence cells whose models no later cell reads
 CELLS_PER_WORKER = 20  # [OURS] a worker process runs this many cells, then a fresh one takes over
 RECYCLED = 3  # a worker's exit status when it stopped at CELLS_PER_WORKER (more cells may be left)
 
 
-def worker_command(run_dir: Path, cells: Slice = EVERY_CELL) -> list[str]:
+def worker_command(run_dir: Path, cells: Slice = EVERY_CELL, keep_models: bool = False) -> list[str]:
     """The command line of one worker process."""
     slice_args = [*(["--seeds", ",".join(map(str, cells.seeds))] if cells.seeds is not None else []),
                   *(["--attacks", ",".join(cells.attacks)] if cells.attacks is not None else [])]
     return [sys.executable, "-m", "unbackdoor.bench.runner", str(run_dir), *slice_args,
-            "--max-cells", str(CELLS_PER_WORKER)]
+            *(["--keep-models"] if keep_models else []), "--max-cells", str(CELLS_PER_WORKER)]
 
 
-def spawn_workers(run_dir: Path, n: int, cells: Slice = EVERY_CELL) -> list[subprocess.Popen]:
+def spawn_workers(run_dir: Path, n: int, cells: Slice = EVERY_CELL, keep_models: bool = False) -> list[subprocess.Popen]:
     """``n`` worker processes, one torch thread each; with several GPUs, worker i sees GPU i mod #GPUs."""
     import torch
 
@@ -461,7 +477,7 @@ def spawn_workers(run_dir: Path, n: int, cells: Slice = EVERY_CELL) -> list[subp
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         if gpus > 1:
             env["CUDA_VISIBLE_DEVICES"] = str(i % gpus)
-        procs.append(subprocess.Popen(worker_command(run_dir, cells), env=env))
+        procs.append(subprocess.Popen(worker_command(run_dir, cells, keep_models), env=env))
     return procs
 
 
@@ -590,10 +606,12 @@ def requeue_lost_models(run: Path, store: Store) -> list[str]:
 
 def run_bench(config_path: str | Path, run_dir: str | Path | None = None, workers: int = 1,
               retry_failed: bool = False, poll_s: float = 2.0, seeds: Sequence[int] | None = None,
-              rerun: Sequence[str] = (), attacks: Sequence[str] | None = None) -> dict[str, int]:
+              rerun: Sequence[str] = (), attacks: Sequence[str] | None = None,
+              keep_models: bool = False) -> dict[str, int]:
     """Run (or resume) a grid, or only the cells of ``seeds`` and/or ``attacks`` (a slice: the other
     cells stay pending in the store, for a later run); return the slice's cell counts by status.
-    Results: RUN_DIR/results.sqlite (+ results.json)."""
+    Results: RUN_DIR/results.sqlite (+ results.json). Defence cells' models are removed once
+    measured unless ``keep_models``."""
     if workers < 1:
         raise ConfigError("--workers must be at least 1")
     cells = Slice(None if seeds is None else tuple(seeds), None if attacks is None else tuple(attacks))
@@ -601,16 +619,16 @@ def run_bench(config_path: str | Path, run_dir: str | Path | None = None, worker
     bar = _progress(store, cells)
     try:
         if workers == 1:
-            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, cells), cells=cells)
+            work(run, poll_s=poll_s, on_cell=lambda: _refresh(bar, store, cells), cells=cells, keep_models=keep_models)
         else:
-            procs = spawn_workers(run, workers, cells)
+            procs = spawn_workers(run, workers, cells, keep_models)
             while procs:
                 _refresh(bar, store, cells)
                 time.sleep(poll_s)
                 recycled = [p for p in procs if p.poll() == RECYCLED]
                 procs = [p for p in procs if p.poll() is None]
                 if recycled:  # memory a process gathers over many cells is returned; the work goes on
-                    procs += spawn_workers(run, len(recycled), cells)
+                    procs += spawn_workers(run, len(recycled), cells, keep_models)
         _refresh(bar, store, cells)
     finally:
         bar.close()
@@ -627,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=lambda text: tuple(int(s) for s in text.split(",")), default=None)
     parser.add_argument("--attacks", type=lambda text: tuple(text.split(",")), default=None)
     parser.add_argument("--max-cells", type=int, default=None, help="exit (status 3) after this many cells")
+    parser.add_argument("--keep-models", action="store_true", help="keep defence cells' models")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
@@ -637,7 +656,8 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(1)
-    ran = work(args.run_dir, cells=Slice(args.seeds, args.attacks), max_cells=args.max_cells)
+    ran = work(args.run_dir, cells=Slice(args.seeds, args.attacks), max_cells=args.max_cells,
+               keep_models=args.keep_models)
     if args.max_cells is not None and ran >= args.max_cells:
         sys.exit(RECYCLED)
 

@@ -137,7 +137,8 @@ class Store:
             try:
                 yield con
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:  # SQLite has already rolled back after some errors (a full disk)
+                    con.execute("ROLLBACK")
                 raise
             con.execute("COMMIT")
 
