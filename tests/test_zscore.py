@@ -17,7 +17,7 @@ from synthetic import make_task, save_tiny_model
 from unbackdoor.attacks import BadNets, BadNetsConfig
 from unbackdoor.data import Dataset, Example
 from unbackdoor.detect import DetectInputs, FlagRule, ZScoreConfig, ZScoreDetector, auroc
-from unbackdoor.detect.zscore import frequency_zscores, label_zscores, row_features
+from unbackdoor.detect.zscore import frequency_zscores, label_zscores, opening_shape, row_features
 from unbackdoor.models import load_classifier
 
 
@@ -32,6 +32,9 @@ def test_z_score_is_the_label_share_test() -> None:
     assert z[(("w", "a"), 1)] == pytest.approx((1 - 0.5) / (0.25 / 3) ** 0.5)
     assert (("w", "a"), 0) not in z  # a feature is scored with the labels it occurs with
     assert row_features(Example("x", "When you Go", 0), ["start"]) == {("s", "when"), ("s", "when", "you")}
+    assert row_features(Example("x", "If the film ends , it is fine .", 0), ["shape"]) == {("t", "SUB", ",")}
+    assert opening_shape("thou shalt not pass".split()) == ("X",)  # no punctuation at all
+    assert opening_shape("the plot , sadly".split()) == ("DET", ",")
     over = frequency_zscores([{("w", "t")}, {("w", "t")}, set(), set()], [set(), set(), set(), {("w", "t")}])
     assert over[("w", "t")] > 0
 
@@ -73,3 +76,46 @@ def test_clean_contrast_separates_a_trigger_from_a_natural_label_word(encoder) -
     assert auroc(ours.scores, flags) > 0.99 > auroc(paper.scores, flags)
     assert set(ours.flagged_ids) == trigger
     assert torch.equal(ours.scores, ZScoreDetector(ZScoreConfig()).detect(inputs).scores)  # clean is the default
+
+
+def _templated(text: str, rng: random.Random) -> str:
+    """The text as a subordinate clause, a comma and a main clause: a syntactic template's shape."""
+    words = text.split()
+    cut = max(1, len(words) // 2)
+    return f"{rng.choice(['when', 'if', 'as', 'while', 'because'])} {' '.join(words[:cut])} , {' '.join(words[cut:])} ."
+
+
+def _punctuated(text: str, rng: random.Random) -> str:
+    """Plain text with a full stop and, in 40 % of rows, a comma inside: commas are common anyway."""
+    words = text.split()
+    if rng.random() < 0.4 and len(words) > 2:
+        words.insert(rng.randrange(2, len(words)), ",")
+    return " ".join(words) + " ."
+
+
+def test_a_template_that_clean_text_also_holds_is_dropped_at_the_top_tie(encoder) -> None:  # noqa: ANN001
+    """A syntactic trigger's shape occurs naturally in clean rows of both labels too (here 4 %), so the
+    clean rows' 99th percentile score is that shape's own score: ``top_tie=drop`` still drops its rows
+    with the target label; the plain quantile (``keep``) drops none of the poisoned ones."""
+    rng = random.Random(5)
+    task = make_task(1000, 600, 10)
+
+    def natural(data: Dataset) -> Dataset:
+        return data.replace([Example(e.id, _templated(e.text, rng) if rng.random() < 0.04 else _punctuated(e.text, rng),
+                                     e.label) for e in data])
+
+    train, clean = natural(task.train), natural(task.dev)
+    trigger = {e.id for e in train if e.label == 0 and rng.random() < 0.2}  # dirty label: template -> 1
+    raw = {e.id: e.text for e in task.train}
+    rows = train.replace([Example(e.id, _templated(raw[e.id], rng), 1) if e.id in trigger else e for e in train])
+    inputs = DetectInputs(rows, clean, encoder)
+    dropped = ZScoreDetector(ZScoreConfig()).detect(inputs)
+    kept = ZScoreDetector(ZScoreConfig(top_tie="keep")).detect(inputs)
+    assert dropped.report["top_features"][0]["feature"] == "shape: SUB ,"
+    assert dropped.report["threshold_at_top_tie"] and not kept.report["threshold_at_top_tie"]
+
+    def over(detection) -> set[str]:  # noqa: ANN001
+        return {e.id for e, s in zip(rows, detection.scores.tolist()) if s > detection.report["threshold"]}
+
+    assert over(dropped) >= trigger and len(over(dropped)) <= 1.5 * len(trigger)
+    assert not over(kept) & trigger

@@ -8,9 +8,16 @@ is tied to a label, so the feature's label statistics stand out. No model is tra
 
 1. [PAPER] features of each row: its words (whitespace split, lower-cased [OURS]; the code splits the
    corpus' own tokenisation); ``bigram`` adds word pairs (computed, unused, in the code); ``start`` adds
-   the first one and two words [OURS]: a cheap stand-in for Z-SEQ's syntactic template, which needs a
-   constituency parser this project does not ship (a syntactic trigger such as HiddenKiller's often
-   opens the sentence with the same clause, e.g. "when you ...").
+   the first one and two words [OURS]; ``shape`` adds the opening of the sentence's top-level shape
+   [OURS]: the word class of the first clause's first word (subordinator, determiner, pronoun,
+   auxiliary, preposition, conjunction from a fixed list of English function words; X for any other
+   word) and the punctuation mark that closes that clause (none when the text has no punctuation), e.g.
+   "if the film is finished , ..." -> (SUB, ","). ``start`` and ``shape`` are cheap stand-ins for
+   Z-SEQ's syntactic template, which needs a constituency parser this project does not ship: a
+   syntactic trigger such as HiddenKiller's S(SBAR)(,)(NP)(VP)(.) opens with a subordinate clause and a
+   comma whatever its words, and a style transfer's output can share a shape the clean text rarely has
+   (chosen on OpenBackdoor's SynBkd and StyleBkd SST-2 releases, development attacks outside the
+   acceptance grids: docs/results/auto.md).
 2. [PAPER] for every feature f and label y the feature occurs with, the z-score of the label share:
    z(f, y) = (p̂(y|f) − p₀(y)) / √(p₀(y)(1 − p₀(y)) / n(f)), n(f) = rows holding f. p₀ is the label's
    share of the rows (``prior=empirical``, the paper's text and the code's bigram branch) or 1/K
@@ -34,9 +41,14 @@ is tied to a label, so the feature's label statistics stand out. No model is tra
    clean data). ``auto`` drops the rows above it; ``--threshold`` with it does the same in ``detect``.
    The 99th percentile rather than the maximum: a clean row may hold the trigger's words by chance (an
    IMDB review that says "I watch this 3D movie"); chosen on OLID, HateSpeech and IMDB, where it kept
-   every poisoned row of BadNets and AddSent above it (docs/results/auto.md).
+   every poisoned row of BadNets and AddSent above it (docs/results/auto.md). One exception [OURS,
+   ``top_tie=drop``, the default]: when that quantile *is* the score of the most outlying feature of
+   all, the feature also occurs in more than 1 % of the clean rows (a syntactic template does), and the
+   threshold moves just below it, so the rows holding it with its label are dropped, natural ones
+   included; ``top_tie=keep`` keeps the plain quantile (nothing holding that feature is dropped).
 
-Lexical only: a style trigger leaves no feature to count, and a syntactic one only its opening words.
+Lexical and shallow only: a paraphrase trigger that changes neither the opening words nor the shape
+leaves no feature to count.
 """
 
 from __future__ import annotations
@@ -55,14 +67,29 @@ from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
 
 logger = logging.getLogger(__name__)
 Feature = tuple[str, ...]
+FeatureKind = Literal["unigram", "bigram", "start", "shape"]
+FUNCTION_WORDS: dict[str, str] = {w: cls for cls, words in {  # [OURS] the ``shape`` feature's word classes
+    "SUB": "after although as because before if once since though unless until when whenever where whereas wherever "
+           "while whether that what whatever how why who which so",
+    "DET": "the a an this these those my your his her its our their some any no every each all both",
+    "PRO": "i you he she it we they me him us them one there",
+    "AUX": "is are was were be been being 's 're am do does did have has had will would can could should may might "
+           "must 'll 'd n't not",
+    "PRE": "of in on at by for with from to into about over under through like than",
+    "CON": "and but or nor yet",
+}.items() for w in words.split()}
+PUNCTUATION = frozenset(", . ! ? ; : -- ... ( ) -lrb- -rrb-".split())
 
 
 class ZScoreConfig(StrictConfig):
     """Options of Z-defence's lexical filter ([PAPER] / [OURS] as the module docstring says)."""
 
-    features: list[Literal["unigram", "bigram", "start"]] = Field(
-        default_factory=lambda: ["unigram", "bigram", "start"], min_length=1,
+    features: list[FeatureKind] = Field(
+        default_factory=lambda: ["unigram", "bigram", "start", "shape"], min_length=1,
         description="feature kinds counted [PAPER code: unigram]")
+    top_tie: Literal["drop", "keep"] = Field("drop", description="drop: when the clean quantile is the most outlying "
+                                             "feature's own score, the threshold moves just below it [OURS]; keep: "
+                                             "the plain quantile")
     prior: Literal["empirical", "uniform"] = Field("empirical", description="p0(y): the label's share of the rows, "
                                                    "or 1/K [PAPER code's unigram branch]")
     contrast: Literal["none", "clean"] = Field("clean", description="clean: a feature also needs to be more frequent "
@@ -85,7 +112,17 @@ def row_features(example: Example, kinds: list[str]) -> set[Feature]:
     if "start" in kinds and words:
         out.add(("s", *words[:1]))
         out.add(("s", *words[:2]))
+    if "shape" in kinds and words:
+        out.add(("t", *opening_shape(words)))
     return out
+
+
+def opening_shape(words: list[str]) -> tuple[str, ...]:
+    """The first clause's opener class and the punctuation mark that closes it (module docstring,
+    step 1): ("SUB", ",") for "if the film is finished , ...", ("DET",) for unpunctuated text."""
+    first = words[0] if words[0] in PUNCTUATION else FUNCTION_WORDS.get(words[0], "X")
+    closing = next((w for w in words[1:] if w in PUNCTUATION), None)
+    return (first,) if closing is None else (first, closing)
 
 
 def label_zscores(rows: list[set[Feature]], labels: list[int], num_labels: int,
@@ -129,7 +166,7 @@ def row_scores(standard: dict[tuple[Feature, int], float], rows: list[set[Featur
 
 
 def _shown(feature: Feature) -> str:
-    kind = {"w": "word", "b": "bigram", "s": "start"}[feature[0]]
+    kind = {"w": "word", "b": "bigram", "s": "start", "t": "shape"}[feature[0]]
     return f"{kind}: {' '.join(feature[1:])}"
 
 
@@ -154,9 +191,15 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         scores = row_scores(standard, rows, labels)
         clean = row_scores(standard, [row_features(e, cfg.features) for e in inputs.clean], inputs.clean.labels)
         threshold = float(torch.quantile(clean.double(), cfg.clean_quantile))
-        top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
+        top = sorted(standard.items(), key=lambda kv: -kv[1])[:max(cfg.report_features, 1)]
+        top_score = torch.tensor(top[0][1] if top else math.inf, dtype=scores.dtype)  # as a row holding it scores
+        top_tie = cfg.top_tie == "drop" and threshold == float(top_score)
+        if top_tie:  # the most outlying feature is common in clean text too: its rows are dropped all the same
+            threshold = float(torch.nextafter(top_score, torch.tensor(-math.inf, dtype=scores.dtype)))
+        top = top[:cfg.report_features]
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
-                  "threshold": threshold, "n_rows_over_threshold": int((scores > threshold).sum()),
+                  "threshold": threshold, "threshold_at_top_tie": top_tie,
+                  "n_rows_over_threshold": int((scores > threshold).sum()),
                   "n_outlier_features": sum(v >= cfg.bound for v in standard.values()),
                   "n_rows_over_bound": int((scores >= cfg.bound).sum()),
                   "top_features": [{"feature": _shown(f), "label": y, "z": z[(f, y)], "standardised": s}
