@@ -18,11 +18,14 @@ set. Nothing about the attack. Steps:
    ``rate`` most suspicious rows. Every choice is logged.
 3. **Retrain** the base on the remaining rows with the victim recipe, the epoch chosen on clean dev
    accuracy (the rows the detectors trained on are never used for selection). ``balance=dev``
-   [OURS]: weight each kept row's loss by p_dev(y) / p_kept(y), as dropping a dirty-label attack's
-   rows (non-target text labelled as the target) leaves the target label over-represented.
-4. ``shift_bias=dev`` [OURS]: shift the retrained head's bias so its mean predicted class
+   [OURS, default]: weight each kept row's loss by p_dev(y) / p_kept(y), as dropping a dirty-label
+   attack's rows (non-target text labelled as the target) leaves the target label over-represented,
+   and the retrained model leans to it.
+4. ``shift_bias=dev`` [OURS, default]: shift the retrained head's bias so its mean predicted class
    probabilities on the clean dev set match the dev label shares (:mod:`unbackdoor.calibration`):
-   the other remedy for the same lean, applied after training instead of through the loss.
+   the remedy for what is left of the lean after training. Both together gave the lowest ASR at the
+   highest CACC on HSOL and QNLI (balanced binary tasks outside the acceptance grids, 3 seeds ×
+   dirty BadNets and AddSent); ``none`` turns either off.
 
 The report (``unbackdoor.json``'s ``defense``) records each detector's report, the drop rule, the
 score at each cut, how many rows were dropped and which.
@@ -53,8 +56,9 @@ logger = logging.getLogger(__name__)
 
 
 class AutoTrainConfig(StrictConfig):
-    """Options of ``auto`` (all [OURS]; defaults chosen on the development grid
-    ``benchmarks/dev_olid.yaml``, see ``docs/results/auto.md``)."""
+    """Options of ``auto`` (all [OURS]; defaults chosen on the development grids, see
+    ``docs/results/auto.md``: the detectors and drop rule on ``benchmarks/dev_olid.yaml``, ``balance`` and
+    ``shift_bias`` on ``benchmarks/dev_hsol_lean.yaml`` and ``benchmarks/dev_qnli_lean.yaml``)."""
 
     detectors: list[str] = Field(default_factory=lambda: ["zscore", "isolation"], min_length=1,
                                  description="detectors run in turn, each on the rows the ones before left "
@@ -72,11 +76,11 @@ class AutoTrainConfig(StrictConfig):
     significance: float = Field(0.25, gt=0, description="drop=gap: a jump counts as a group's edge when it is at "
                                 "least this many interquartile ranges of the scores")
     balance: Literal["none", "dev"] = Field(
-        "none", description="dev: weight the kept rows' loss so their label shares match the clean dev set's "
+        "dev", description="dev: weight the kept rows' loss so their label shares match the clean dev set's "
         "(dropping a dirty-label attack's rows leaves the target label over-represented); none: plain retraining. "
         "Default chosen on the development grid (docs/results/auto.md)")
     shift_bias: Literal["none", "dev"] = Field(
-        "none", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
+        "dev", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
         "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
         "development grid (docs/results/auto.md)")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
