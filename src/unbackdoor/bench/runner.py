@@ -112,6 +112,9 @@ def _attack_cells(config: BenchConfig, common: dict[str, Any], ds: DatasetSpec, 
 
 
 # ----------------------------------------------------------------------------- cell steps
+PRUNED_KINDS = ("train", "purify", "unlearn")  # defence cells whose models no later cell reads
+
+
 def model_dir(run_dir: Path, cid: str) -> Path:
     return run_dir / MODELS_DIR / cid
 
@@ -454,7 +457,6 @@ def warn_oversubscribed(store: Store) -> bool:
     return True
 
 
-PRUNED_KINDS = ("train", "purify", "unlearn")  # defence cells whose models no later cell reads
 CELLS_PER_WORKER = 20  # [OURS] a worker process runs this many cells, then a fresh one takes over
 RECYCLED = 3  # a worker's exit status when it stopped at CELLS_PER_WORKER (more cells may be left)
 
