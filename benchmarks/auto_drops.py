@@ -30,8 +30,12 @@ def main() -> None:
     for cell in Store(args.run_dir).cells():
         if cell["defence"] != args.defence or cell["kind"] != "train" or cell["status"] != "done":
             continue
-        folder = model_dir(args.run_dir, cell["id"])
-        report_file = next(p for p in (folder / "unbackdoor.json", folder / "model" / "unbackdoor.json") if p.exists())
+        folder = model_dir(args.run_dir, cell["id"])  # the report moves up when the bench removes the model
+        report_file = next((p for p in (folder / "unbackdoor.json", folder / "model" / "unbackdoor.json") if p.exists()),
+                           None)
+        if report_file is None:
+            print(f"| {cell['attack']} | {cell['seed']} | (no unbackdoor.json in {folder}) |")
+            continue
         report = json.loads(report_file.read_text(encoding="utf-8"))["defense"]
         task = load_poisoned_task(victim_data(args.run_dir, cell["config"]))
         if cell["config"]["max_train"] is not None:

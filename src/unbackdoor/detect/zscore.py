@@ -165,6 +165,19 @@ def row_scores(standard: dict[tuple[Feature, int], float], rows: list[set[Featur
                          for feats, y in zip(rows, labels)], dtype=torch.float32)
 
 
+def calibrated_threshold(clean: torch.Tensor, standard: dict[tuple[Feature, int], float], quantile: float,
+                         top_tie: bool) -> tuple[float, bool]:
+    """The score above which rows are dropped: the ``quantile`` of the clean rows' scores; with ``top_tie``,
+    just below the most outlying feature's score when the quantile is that score (module docstring,
+    step 4). Compared in the scores' own dtype, as a row holding that feature scores. Also whether the
+    tie moved it."""
+    threshold = float(torch.quantile(clean.double(), quantile))
+    top = torch.tensor(max(standard.values(), default=math.inf), dtype=clean.dtype)
+    if not top_tie or threshold != float(top):
+        return threshold, False
+    return float(torch.nextafter(top, torch.tensor(-math.inf, dtype=clean.dtype))), True
+
+
 def _shown(feature: Feature) -> str:
     kind = {"w": "word", "b": "bigram", "s": "start", "t": "shape"}[feature[0]]
     return f"{kind}: {' '.join(feature[1:])}"
@@ -190,13 +203,8 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         standard = {k: (v - mean) / std for k, v in z.items()}
         scores = row_scores(standard, rows, labels)
         clean = row_scores(standard, [row_features(e, cfg.features) for e in inputs.clean], inputs.clean.labels)
-        threshold = float(torch.quantile(clean.double(), cfg.clean_quantile))
-        top = sorted(standard.items(), key=lambda kv: -kv[1])[:max(cfg.report_features, 1)]
-        top_score = torch.tensor(top[0][1] if top else math.inf, dtype=scores.dtype)  # as a row holding it scores
-        top_tie = cfg.top_tie == "drop" and threshold == float(top_score)
-        if top_tie:  # the most outlying feature is common in clean text too: its rows are dropped all the same
-            threshold = float(torch.nextafter(top_score, torch.tensor(-math.inf, dtype=scores.dtype)))
-        top = top[:cfg.report_features]
+        threshold, top_tie = calibrated_threshold(clean, standard, cfg.clean_quantile, cfg.top_tie == "drop")
+        top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
                   "threshold": threshold, "threshold_at_top_tie": top_tie,
                   "n_rows_over_threshold": int((scores > threshold).sum()),
