@@ -17,7 +17,8 @@ from synthetic import make_task, save_tiny_model
 from unbackdoor.attacks import BadNets, BadNetsConfig
 from unbackdoor.data import Dataset, Example
 from unbackdoor.detect import DetectInputs, FlagRule, ZScoreConfig, ZScoreDetector, auroc
-from unbackdoor.detect.zscore import frequency_zscores, label_zscores, opening_shape, row_features
+from unbackdoor.detect.lexical import opening_shape, row_features
+from unbackdoor.detect.zscore import frequency_zscores, label_zscores
 from unbackdoor.models import load_classifier
 
 

@@ -10,15 +10,18 @@ train-time defences built on these detectors live in :mod:`unbackdoor.train_defe
   :mod:`.bki` (Backdoor Keyword Identification), :mod:`.cube` (CUBE: minority clusters of a label),
   :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
 * :mod:`.zscore`: Z-defence's lexical filter (features whose label share is an extreme outlier; no model);
+* :mod:`.contrast`: rows a classifier tells apart from the clean set, cut by an empirical-null FDR (no task model);
+* :mod:`.lexical`: the shallow lexical row features both use;
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
 * :mod:`.output`: the ``detect`` command's files (the command: :func:`unbackdoor.commands.run_detect`).
 
-Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube``, ``isolation`` and
-``zscore`` detectors.
+Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube``, ``isolation``,
+``zscore`` and ``contrast`` detectors.
 """
 
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
 from unbackdoor.detect.bki import BkiConfig, BkiDetector
+from unbackdoor.detect.contrast import ContrastConfig, ContrastDetector
 from unbackdoor.detect.cube import CubeConfig, CubeDetector
 from unbackdoor.detect.features import FeatureData, feature_data, sentence_features, standardise
 from unbackdoor.detect.isolation import IsolationConfig, IsolationDetector, LocalGradientAscent, isolate
@@ -30,6 +33,8 @@ from unbackdoor.detect.zscore import ZScoreConfig, ZScoreDetector
 __all__ = [
     "BkiConfig",
     "BkiDetector",
+    "ContrastConfig",
+    "ContrastDetector",
     "CubeConfig",
     "CubeDetector",
     "DETECTORS",

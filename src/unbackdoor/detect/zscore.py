@@ -62,23 +62,10 @@ import torch
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig
-from unbackdoor.data.types import Example
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
+from unbackdoor.detect.lexical import Feature, FeatureKind, row_features
 
 logger = logging.getLogger(__name__)
-Feature = tuple[str, ...]
-FeatureKind = Literal["unigram", "bigram", "start", "shape"]
-FUNCTION_WORDS: dict[str, str] = {w: cls for cls, words in {  # [OURS] the ``shape`` feature's word classes
-    "SUB": "after although as because before if once since though unless until when whenever where whereas wherever "
-           "while whether that what whatever how why who which so",
-    "DET": "the a an this these those my your his her its our their some any no every each all both",
-    "PRO": "i you he she it we they me him us them one there",
-    "AUX": "is are was were be been being 's 're am do does did have has had will would can could should may might "
-           "must 'll 'd n't not",
-    "PRE": "of in on at by for with from to into about over under through like than",
-    "CON": "and but or nor yet",
-}.items() for w in words.split()}
-PUNCTUATION = frozenset(", . ! ? ; : -- ... ( ) -lrb- -rrb-".split())
 
 
 class ZScoreConfig(StrictConfig):
@@ -99,30 +86,6 @@ class ZScoreConfig(StrictConfig):
     bound: float = Field(20.0, gt=0, description="outlier bound in standard deviations of all z-scores "
                          "[PAPER code: 20]; reported, and the threshold that reproduces the paper's filter")
     report_features: int = Field(10, ge=0, description="top (feature, label) pairs listed in the report")
-
-
-def row_features(example: Example, kinds: list[str]) -> set[Feature]:
-    """The row's distinct features of the given kinds (words of both segments of a pair)."""
-    words = " ".join(t for t in (example.text, example.text_pair) if t).lower().split()
-    out: set[Feature] = set()
-    if "unigram" in kinds:
-        out.update(("w", w) for w in words)
-    if "bigram" in kinds:
-        out.update(("b", a, b) for a, b in zip(words, words[1:]))
-    if "start" in kinds and words:
-        out.add(("s", *words[:1]))
-        out.add(("s", *words[:2]))
-    if "shape" in kinds and words:
-        out.add(("t", *opening_shape(words)))
-    return out
-
-
-def opening_shape(words: list[str]) -> tuple[str, ...]:
-    """The first clause's opener class and the punctuation mark that closes it (module docstring,
-    step 1): ("SUB", ",") for "if the film is finished , ...", ("DET",) for unpunctuated text."""
-    first = words[0] if words[0] in PUNCTUATION else FUNCTION_WORDS.get(words[0], "X")
-    closing = next((w for w in words[1:] if w in PUNCTUATION), None)
-    return (first,) if closing is None else (first, closing)
 
 
 def label_zscores(rows: list[set[Feature]], labels: list[int], num_labels: int,
