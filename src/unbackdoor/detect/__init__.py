@@ -11,7 +11,7 @@ train-time defences built on these detectors live in :mod:`unbackdoor.train_defe
   :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
 * :mod:`.zscore`: Z-defence's lexical filter (features whose label share is an extreme outlier; no model);
 * :mod:`.contrast`: rows a classifier tells apart from the clean set, cut by an empirical-null FDR (no task model);
-* :mod:`.lexical`: the shallow lexical row features both use;
+* :mod:`.lexical`, :mod:`.null`: the lexical row features both use; the empirical-null FDR cut;
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
 * :mod:`.output`: the ``detect`` command's files (the command: :func:`unbackdoor.commands.run_detect`).
 

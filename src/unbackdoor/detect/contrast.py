@@ -14,11 +14,9 @@ The idea (a domain classifier against trusted data) is ours as a detector here; 
    well as its trigger), a logistic regression with an L2 penalty (``l2``) separates the training rows
    (1) from the clean rows (0); every row, training or clean, is scored out of fold (``folds``, seeded),
    so no row is scored by a model that saw it;
-3. the cut [OURS]: the clean rows' out-of-fold scores are the null (what a clean training row scores).
-   Per label, with n training rows and the clean rows' survival function S(t), a cut at t expects
-   n·S(t) clean training rows above it; the rows kept above the cut are the longest top list whose
-   estimated false-discovery share n·S(t)/k stays at most ``fdr`` (an empirical-null FDR rule in the
-   manner of Efron's local-FDR and Benjamini-Hochberg; the clean set is the null sample).
+3. the cut [OURS]: the clean rows' out-of-fold scores are the null (what a clean training row scores);
+   per label, the longest top list whose estimated share of clean rows stays at most ``fdr``
+   (:func:`unbackdoor.detect.null.fdr_cut`).
 
 Row score: the out-of-fold logit minus its label's cut, so the selected rows are exactly those with
 score > 0 (the report's ``threshold``; ``auto`` drops them, ``detect --threshold 0`` flags them). A label
@@ -42,6 +40,7 @@ from pydantic import Field
 from unbackdoor.config import StrictConfig
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
 from unbackdoor.detect.lexical import Feature, FeatureKind, row_features
+from unbackdoor.detect.null import fdr_cut
 
 logger = logging.getLogger(__name__)
 
@@ -116,24 +115,6 @@ def out_of_fold_logits(rows: list[set[Feature]], y: torch.Tensor, cfg: ContrastC
         h_flat, h_off = _subset(flat, offsets, held)
         out[held] = _logits(w, b, h_flat, h_off)
     return out
-
-
-def fdr_cut(train: torch.Tensor, clean: torch.Tensor, fdr: float) -> tuple[float, int, float]:
-    """Step 3 for one group: the cut (midway between the last selected training score and the next), the
-    number selected, and their estimated false-discovery share. Nothing is selected without clean rows."""
-    order = torch.sort(train, descending=True).values
-    if len(clean) == 0 or len(order) == 0:
-        return float(order[0]) + 1.0 if len(order) else 0.0, 0, 0.0
-    null = torch.sort(clean).values
-    above = len(null) - torch.searchsorted(null, order, right=False)  # clean rows scoring >= each training score
-    expected = len(order) * above.double() / len(null)
-    share = expected / torch.arange(1, len(order) + 1, dtype=torch.float64)
-    ok = (share <= fdr).nonzero()
-    k = int(ok[-1]) + 1 if len(ok) else 0
-    if k == 0:
-        return float(order[0]) + 1.0, 0, 0.0
-    below = float(order[k]) if k < len(order) else float(order[k - 1]) - 1.0
-    return (float(order[k - 1]) + below) / 2, k, float(share[k - 1])
 
 
 @DETECTORS.register("contrast")
