@@ -104,20 +104,22 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
 
 
 def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) -> None:  # noqa: ANN001
-    """The default composition: Z-defence's word statistics drop the BadNets rows, then isolation scores
-    only the rows left; the model retrained on the rest is clean."""
+    """The default composition: Z-defence's word statistics drop the BadNets rows, then the contrast and
+    isolation score only the rows left, in turn; the model retrained on the rest is clean."""
     train = {**FAST, "epochs": 10, "seed": 1}
     config = AutoTrainConfig(detector_params={"isolation": {"train": {**FAST, "epochs": 2}}}, train=train)
-    assert config.detectors == ["zscore", "isolation"]
+    assert config.detectors == ["zscore", "contrast", "isolation"]
     result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
-    first, second = result.report["choices"]["steps"]
+    first, second, third = result.report["choices"]["steps"]
     poisoned = planted.poisoned.flags.poisoned_ids
     by_zscore = set(result.report["dropped_ids"][:first["n_dropped"]])
     assert first["detector"] == "zscore" and first["drop_rule"] == "calibrated"
     assert first["score_at_cut"] == result.report["detectors"]["zscore"]["threshold"]  # the clean rows' 99th percentile score
     assert len(by_zscore & poisoned) >= 0.9 * len(poisoned), first["n_dropped"]
-    assert second["detector"] == "isolation" and second["rows_scored"] == 400 - first["n_dropped"]
-    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"]
+    assert second["detector"] == "contrast" and second["drop_rule"] == "calibrated"
+    assert second["rows_scored"] == 400 - first["n_dropped"] and second["score_at_cut"] == 0.0  # its FDR cut
+    assert third["detector"] == "isolation" and third["rows_scored"] == second["rows_scored"] - second["n_dropped"]
+    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"]
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
 

@@ -450,7 +450,7 @@ class DetectCommand(CommandConfig):
     data: str = Field(description="training rows: a data folder or name (clean or poisoned; flags are never read)")
     clean: str = Field(description="clean data the defender holds (its train split is sampled)")
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
-    method: str = Field("reweight", description="detector: bki, cube, isolation, loss, reweight, zscore")
+    method: str = Field("reweight", description="detector: bki, contrast, cube, isolation, loss, reweight, zscore")
     params: dict[str, Any] = Field(default_factory=dict, description="detector options (unbackdoor.detect: BkiConfig, "
                                    "CubeConfig, IsolationConfig, LossConfig, ReweightConfig, ZScoreConfig)")
     model: str | None = Field(None, description="encoder of the frozen features (default: all-MiniLM-L6-v2)")

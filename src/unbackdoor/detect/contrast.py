@@ -134,11 +134,14 @@ class ContrastDetector(Detector[ContrastConfig]):
         for label in groups:
             t_idx = [i for i, y in enumerate(inputs.rows.labels) if label is None or y == label]
             c_idx = [i for i, y in enumerate(inputs.clean.labels) if label is None or y == label]
-            logits = out_of_fold_logits([rows[i] for i in t_idx] + [clean[i] for i in c_idx],
-                                        torch.cat([torch.ones(len(t_idx)), torch.zeros(len(c_idx))]).double(), cfg)
-            train, null = logits[: len(t_idx)], logits[len(t_idx):]
-            cut, k, share = fdr_cut(train, null, cfg.fdr)
-            scores[t_idx] = train - cut
+            if c_idx:  # without clean rows there is no null: nothing of this label is selected
+                logits = out_of_fold_logits([rows[i] for i in t_idx] + [clean[i] for i in c_idx],
+                                            torch.cat([torch.ones(len(t_idx)), torch.zeros(len(c_idx))]).double(), cfg)
+                train, null = logits[: len(t_idx)], logits[len(t_idx):]
+                cut, k, share = fdr_cut(train, null, cfg.fdr)
+                scores[t_idx] = train - cut
+            else:
+                cut, k, share = None, 0, 0.0
             report["groups"].append({"label": label, "rows": len(t_idx), "clean_rows": len(c_idx), "cut": cut,
                                      "selected": k, "estimated_fdr": share})
             logger.info("contrast: label %s: %d of %d rows above the cut (estimated false share %.2f; %d clean rows)",

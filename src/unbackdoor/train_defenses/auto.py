@@ -6,12 +6,17 @@ set. Nothing about the attack. Steps:
 
 1. **Score** every training row with each registered detector of ``detectors`` in turn, on the rows
    the earlier detectors left (default: ``zscore``, Z-defence's lexical filter, which finds word and
-   sentence triggers from label statistics alone, then ``isolation``, ABL's early-loss isolation on a
-   copy of the base, for triggers no word count sees: the rows a trigger makes easy to fit keep
-   falling below γ while clean rows are held near it; :mod:`unbackdoor.detect`).
+   sentence triggers from label statistics alone; then ``contrast``, the rows a lexical classifier
+   tells apart from the clean dev set, for a trigger spread over many weak words such as a style;
+   then ``isolation``, ABL's early-loss isolation on a copy of the base, for triggers no word count
+   sees: the rows a trigger makes easy to fit keep falling below γ while clean rows are held near it;
+   :mod:`unbackdoor.detect`). ``contrast`` joined the default on the development grids (3 seeds:
+   OpenBackdoor's StyleBkd SST-2 rows, re-tokenised or not, ASR −5.2 and −3.3 points; BadNets,
+   AddSent, SynBkd on HSOL, QNLI, OLID and SST-2 within ±2, +0.3 on average; docs/results/auto.md).
 2. **Choose the rows to drop** after each detector, from its scores alone (``drop``):
    ``calibrated`` [OURS, default]: the rows above the threshold the detector calibrated on the clean
-   set, where it gives one (``zscore``: the 99th percentile of the clean rows' scores), else ``gap``;
+   set, where it gives one (``zscore``: the 99th percentile of the clean rows' scores; ``contrast``:
+   its empirical-null false-discovery cut), else ``gap``;
    ``gap`` [OURS]: among the ``max_drop`` most suspicious rows, cut where the sorted scores jump
    most, if the jump is large for these scores (a separate group: a trigger easier to fit than the
    task gives one, and the cut falls at its edge), else drop only ``min_drop``; ``rate``: the
@@ -57,10 +62,11 @@ logger = logging.getLogger(__name__)
 
 class AutoTrainConfig(StrictConfig):
     """Options of ``auto`` (all [OURS]; defaults chosen on the development grids, see
-    ``docs/results/auto.md``: the detectors and drop rule on ``benchmarks/dev_olid.yaml``, ``balance`` and
-    ``shift_bias`` on ``benchmarks/dev_hsol_lean.yaml`` and ``benchmarks/dev_qnli_lean.yaml``)."""
+    ``docs/results/auto.md``: the detectors and drop rule on ``benchmarks/dev_olid.yaml``, ``contrast`` on
+    ``benchmarks/dev_sst2_retok.yaml`` and the other dev grids, ``balance`` and ``shift_bias`` on
+    ``benchmarks/dev_hsol_lean.yaml`` and ``benchmarks/dev_qnli_lean.yaml``)."""
 
-    detectors: list[str] = Field(default_factory=lambda: ["zscore", "isolation"], min_length=1,
+    detectors: list[str] = Field(default_factory=lambda: ["zscore", "contrast", "isolation"], min_length=1,
                                  description="detectors run in turn, each on the rows the ones before left "
                                  "(unbackdoor.detect.DETECTORS)")
     detector_params: dict[str, dict[str, Any]] = Field(default_factory=dict,
