@@ -452,10 +452,38 @@ def test_purify_cells_hand_the_base_to_methods_that_use_one() -> None:
     assert not gives_base(spec("finetune")) and not gives_base(spec("tsbd"))  # they ignore it: cells unchanged
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.yaml")
-                                         if p.name != "tiny_grid.yaml"))  # a template: tests fill in its model and data
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+GENERATED = {"dev_sst2_retok.yaml"}  # its data is built by benchmarks/retokenise_variant.py (test below)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("*.yaml")
+                                         if p.name != "tiny_grid.yaml" and p.name not in GENERATED))  # tiny: a template
 def test_every_benchmark_config_validates(shared_data: Path, name: str) -> None:
     """Every grid under benchmarks/ (the published ones, the development grids, the per-method grids)
     validates whole and expands to distinct cells."""
-    cells = expand(load_bench_config(Path(__file__).resolve().parents[1] / "benchmarks" / name))
+    cells = expand(load_bench_config(BENCHMARKS / name))
+    assert cells and len({c.id for c in cells}) == len(cells)
+
+
+def test_retokenised_development_grid_builds_and_validates(shared_data: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """benchmarks/retokenise_variant.py writes OpenBackdoor's style release re-tokenised like the clean
+    SST-2 text (prose rows change, tokenised rows do not), and dev_sst2_retok.yaml validates on it."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from retokenise_variant import sst2_tokens
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    assert sst2_tokens("And indeed the movie is rather choppy, as (he) said it's fine.") == \
+        "and indeed the movie is rather choppy , as -lrb- he -rrb- said it 's fine ."
+    clean = "the film 's plot , sadly , is thin ... and mr. lopez knows it ."
+    assert sst2_tokens(clean) == clean
+    monkeypatch.chdir(tmp_path)
+    for name in ("stylebkd", "synbkd"):
+        out = tmp_path / "runs" / "devdata" / "sst2" / f"{name}_ob_retok"
+        subprocess.run([sys.executable, str(BENCHMARKS / "retokenise_variant.py"), f"sst2/{name}_openbackdoor_p10",
+                        str(out)], check=True, capture_output=True)
+        task = load_poisoned_task(out)
+        assert all(e.text == e.text.lower() for e in task.train)
+    cells = expand(load_bench_config(BENCHMARKS / "dev_sst2_retok.yaml"))
     assert cells and len({c.id for c in cells}) == len(cells)
