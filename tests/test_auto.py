@@ -210,3 +210,23 @@ def test_purify_auto_trigger_probe_on_badnets(planted, monkeypatch: pytest.Monke
     choices = result.report["choices"]
     assert choices["steps"] == ["e-pur", "fine-purifying"] and "still act as a trigger" in choices["why"]
     assert [step["method"] for step in result.report["steps"]["before"]] == ["e-pur"]  # the reset, recorded once
+
+
+def test_average_states_is_the_elementwise_mean_of_float_tensors() -> None:
+    from unbackdoor.train_defenses.auto import average_states
+
+    a = {"w": torch.tensor([1.0, 3.0]), "ids": torch.tensor([0, 1])}
+    b = {"w": torch.tensor([3.0, 5.0]), "ids": torch.tensor([0, 1])}
+    out = average_states([a, b])
+    assert torch.equal(out["w"], torch.tensor([2.0, 4.0])) and torch.equal(out["ids"], a["ids"])
+
+
+def test_train_auto_soup_averages_retrained_models_and_stays_clean(planted, sentiment_base) -> None:  # noqa: ANN001
+    """soup=2: two retrainings from the same start (seeds 1 and 2), weights averaged, then the model is
+    measured: the backdoor stays out and the record names both members."""
+    config = AutoTrainConfig(detectors=["zscore"], soup=2, train={**FAST, "epochs": 10, "seed": 1})
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    soup = result.report["choices"]["soup"]
+    assert soup["members"] == 2 and len(soup["member_dev_accuracy"]) == 2 and 0 <= soup["dev_accuracy"] <= 1
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.2 and after.cacc >= 0.9, after

@@ -43,6 +43,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field, model_validator
 
@@ -50,6 +51,7 @@ from unbackdoor.calibration import calibrate_to_dev
 from unbackdoor.config import StrictConfig
 from unbackdoor.data.types import Dataset
 from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector, suspicion_order
+from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.models.surgery import restore_state, snapshot_state
 from unbackdoor.train_defenses.base import TRAIN_DEFENSES, TrainDefense, TrainDefenseResult, TrainInputs
@@ -89,6 +91,8 @@ class AutoTrainConfig(StrictConfig):
         "dev", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
         "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
         "development grid (docs/results/auto.md)")
+    soup: int = Field(1, ge=1, description="retrain this many times (seeds seed, seed+1, ...) from the same start and "
+                      "average the weights (a uniform model soup); 1: one retraining")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
                                       "(3 epochs, batch 32, lr 1e-4)")
 
@@ -147,19 +151,39 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         restore_state(inputs.model.model, start)  # step 3: from the base, on the rows kept
         train = self.train_config(inputs.model)
         weights, shares = label_balance(kept, inputs.dev) if cfg.balance == "dev" else (None, None)
-        training = train_classifier(inputs.model, kept, train, dev=inputs.dev, callbacks=observers, work_dir=work_dir,
-                                    fingerprint={"defense": self.name, "config": cfg.model_dump(mode="json"),
-                                                 "dropped": dropped}, sample_weights=weights)
+        fingerprint = {"defense": self.name, "config": cfg.model_dump(mode="json"), "dropped": dropped}
+        trainings, members = [], []
+        for j in range(cfg.soup):  # step 3, once per soup member
+            restore_state(inputs.model.model, start)
+            member = train if j == 0 else train.model_copy(update={"seed": train.seed + j})
+            member_dir = work_dir if work_dir is None or j == 0 else work_dir / f"soup-{j}"
+            trainings.append(train_classifier(inputs.model, kept, member, dev=inputs.dev, callbacks=observers,
+                                              work_dir=member_dir, fingerprint=fingerprint, sample_weights=weights))
+            if cfg.soup > 1:
+                members.append(snapshot_state(inputs.model.model))
+        soup = self._soup(inputs, members, trainings) if cfg.soup > 1 else None
+        training = trainings[0]
         calibration = calibrate_to_dev(inputs.model, inputs.dev) if cfg.shift_bias == "dev" else None  # step 4
         report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
                   "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
                               "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
-                              "bias_shift": calibration,
+                              "bias_shift": calibration, "soup": soup,
                               "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
                   "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
                   "n_trained": len(kept), "selected_epoch": training.best_epoch,
                   "selection_accuracy": training.best_dev_accuracy}
         return TrainDefenseResult(inputs.model, training, report)
+
+    @staticmethod
+    def _soup(inputs: TrainInputs, members: list[dict[str, torch.Tensor]], trainings: list[Any]) -> dict[str, Any]:
+        """Put the members' average into ``inputs.model``; what the soup's record holds."""
+        restore_state(inputs.model.model, average_states(members))
+        logits = predict_logits(inputs.model, inputs.dev.examples)
+        accuracy = float((logits.argmax(1) == np.asarray(inputs.dev.labels)).mean())
+        logger.info("auto: soup of %d retrained models: dev accuracy %.4f (members %s)", len(members), accuracy,
+                    ", ".join(f"{t.best_dev_accuracy:.4f}" for t in trainings))
+        return {"members": len(members), "member_dev_accuracy": [t.best_dev_accuracy for t in trainings],
+                "member_epoch": [t.best_epoch for t in trainings], "dev_accuracy": accuracy}
 
     def _drop(self, name: str, rows: Dataset, inputs: TrainInputs) -> tuple[list[str], dict[str, Any]]:
         """One detector's scores over ``rows`` and the ids its cut drops (steps 1 and 2)."""
@@ -193,3 +217,9 @@ def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, d
     weights = [p_dev.get(y, 0.0) / p_kept[y] for y in kept.labels]
     mean = sum(weights) / len(weights)
     return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The element-wise mean of floating-point tensors (a uniform soup); other tensors from the first state."""
+    return {k: torch.stack([st[k] for st in states]).mean(dim=0) if v.is_floating_point() else v
+            for k, v in states[0].items()}
