@@ -31,6 +31,11 @@ set. Nothing about the attack. Steps:
    the remedy for what is left of the lean after training. Both together gave the lowest ASR at the
    highest CACC on HSOL and QNLI (balanced binary tasks outside the acceptance grids, 3 seeds ×
    dirty BadNets and AddSent); ``none`` turns either off.
+5. ``soup`` [OURS option; the averaging follows Wortsman et al., "Model soups", ICML 2022]: step 3 runs
+   ``soup`` times from the same start with seeds seed, seed+1, ... and the weights are averaged
+   (before step 4). At 1,000 rows one retraining's ASR moves by several points when a few rows
+   change; the average of several is meant to damp that. The record gives each member's dev accuracy
+   and the soup's.
 
 The report (``unbackdoor.json``'s ``defense``) records each detector's report, the drop rule, the
 score at each cut, how many rows were dropped and which.
