@@ -10,9 +10,11 @@ set. Nothing about the attack. Steps:
    tells apart from the clean dev set, for a trigger spread over many weak words such as a style;
    then ``isolation``, ABL's early-loss isolation on a copy of the base, for triggers no word count
    sees: the rows a trigger makes easy to fit keep falling below γ while clean rows are held near it;
-   :mod:`unbackdoor.detect`). ``contrast`` joined the default on the development grids (3 seeds:
-   OpenBackdoor's StyleBkd SST-2 rows, re-tokenised or not, ASR −5.2 and −3.3 points; BadNets,
-   AddSent, SynBkd on HSOL, QNLI, OLID and SST-2 within ±2, +0.3 on average; docs/results/auto.md).
+   :mod:`unbackdoor.detect`). ``contrast`` joined the default on the development grids (3 seeds;
+   docs/results/auto.md): on OpenBackdoor's StyleBkd SST-2 rows re-tokenised it adds 2–26 rows per
+   seed at precision 0.5–0.6, elsewhere 0–3; end to end ASR −5.2 and −3.3 on the style rows
+   (re-tokenised, as released), +0.3 on average on BadNets, AddSent and SynBkd (HSOL, QNLI, OLID,
+   SST-2), moves of the size of the retraining's own noise.
 2. **Choose the rows to drop** after each detector, from its scores alone (``drop``):
    ``calibrated`` [OURS, default]: the rows above the threshold the detector calibrated on the clean
    set, where it gives one (``zscore``: the 99th percentile of the clean rows' scores; ``contrast``:
@@ -62,7 +64,7 @@ from unbackdoor.models.surgery import restore_state, snapshot_state
 from unbackdoor.train_defenses.base import TRAIN_DEFENSES, TrainDefense, TrainDefenseResult, TrainInputs
 from unbackdoor.training.callbacks import Callback
 from unbackdoor.training.config import TrainConfig, merge_train, victim_train_config
-from unbackdoor.training.loop import train_classifier
+from unbackdoor.training.loop import TrainResult, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +155,7 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
             steps.append(step)
         logger.info("auto: dropped %d of %d rows (%s); retraining on %d", len(dropped), len(inputs.rows),
                     ", ".join(f"{s['detector']} {s['n_dropped']}" for s in steps), len(kept))
-        restore_state(inputs.model.model, start)  # step 3: from the base, on the rows kept
-        train = self.train_config(inputs.model)
+        train = self.train_config(inputs.model)  # step 3: from the base, on the rows kept
         weights, shares = label_balance(kept, inputs.dev) if cfg.balance == "dev" else (None, None)
         fingerprint = {"defense": self.name, "config": cfg.model_dump(mode="json"), "dropped": dropped}
         trainings, members = [], []
@@ -180,7 +181,8 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         return TrainDefenseResult(inputs.model, training, report)
 
     @staticmethod
-    def _soup(inputs: TrainInputs, members: list[dict[str, torch.Tensor]], trainings: list[Any]) -> dict[str, Any]:
+    def _soup(inputs: TrainInputs, members: list[dict[str, torch.Tensor]],
+              trainings: list[TrainResult]) -> dict[str, Any]:
         """Put the members' average into ``inputs.model``; what the soup's record holds."""
         restore_state(inputs.model.model, average_states(members))
         logits = predict_logits(inputs.model, inputs.dev.examples)
