@@ -21,6 +21,7 @@ import argparse
 import json
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 from unbackdoor.data.io import resolve_data_path
@@ -63,22 +64,37 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="output folder (its parent gets a copy of the clean folder)")
     args = parser.parse_args()
     src = resolve_data_path(args.variant)
-    args.out.mkdir(parents=True, exist_ok=False)
+    if args.out.exists():
+        raise SystemExit(f"{args.out} exists; remove it first")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=args.out.parent, prefix=f".{args.out.name}."))
+    try:  # written beside, renamed when whole: a half-written variant never looks finished
+        changed = write_variant(src, tmp, args.out.name)
+        clean = args.out.parent / "clean"
+        if not clean.exists():
+            shutil.copytree(src.parent / "clean", tmp / "clean")
+            (tmp / "clean").rename(clean)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    tmp.rename(args.out)
+    print(json.dumps({"out": str(args.out), "rows_changed": changed}))
+
+
+def write_variant(src: Path, out: Path, name: str) -> dict[str, int]:
+    """Every file of ``src`` into ``out``, its TSV files re-tokenised; rows changed per file."""
     changed = {}
     for path in sorted(src.iterdir()):
         if path.suffix == ".tsv":
-            changed[path.name] = retokenise_tsv(path, args.out / path.name)
+            changed[path.name] = retokenise_tsv(path, out / path.name)
         elif path.name == "meta.json":
             meta = json.loads(path.read_text())
-            meta["variant"] = args.out.name
+            meta["variant"] = name
             meta["note"] = f"{meta.get('note', '')} Re-tokenised like the clean SST-2 text by benchmarks/retokenise_variant.py."
-            (args.out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         else:
-            shutil.copy2(path, args.out / path.name)
-    clean = args.out.parent / "clean"
-    if not clean.exists():
-        shutil.copytree(src.parent / "clean", clean)
-    print(json.dumps({"out": str(args.out), "rows_changed": changed}))
+            shutil.copy2(path, out / path.name)
+    return changed
 
 
 if __name__ == "__main__":
