@@ -72,13 +72,6 @@ def bags(rows: list[set[Feature]], index: dict[Feature, int]) -> tuple[torch.Ten
     return torch.tensor([c for row in cols for c in row], dtype=torch.long), offsets
 
 
-def _subset(flat: torch.Tensor, offsets: torch.Tensor, which: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    ends = torch.cat([offsets[1:], torch.tensor([len(flat)])])
-    parts = [flat[offsets[i]:ends[i]] for i in which.tolist()]
-    sub_offsets = torch.tensor([0, *np.cumsum([len(p) for p in parts])[:-1].tolist()], dtype=torch.long)
-    return (torch.cat(parts) if parts else flat[:0]), sub_offsets
-
-
 def _logits(w: torch.Tensor, b: torch.Tensor, flat: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.embedding_bag(flat, w[:, None], offsets, mode="sum")[:, 0] + b
 
@@ -108,12 +101,10 @@ def out_of_fold_logits(rows: list[set[Feature]], y: torch.Tensor, cfg: ContrastC
     folds = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed)) % cfg.folds
     for k in range(cfg.folds):
         held, fit = (folds == k).nonzero()[:, 0], (folds != k).nonzero()[:, 0]
-        index = feature_index([rows[i] for i in fit.tolist()], cfg.min_count)  # features seen when fitting only
-        flat, offsets = bags(rows, index)
-        f_flat, f_off = _subset(flat, offsets, fit)
-        w, b = fit_logistic(f_flat, f_off, y[fit], max(len(index), 1), cfg.l2, cfg.max_iter)
-        h_flat, h_off = _subset(flat, offsets, held)
-        out[held] = _logits(w, b, h_flat, h_off)
+        fit_rows = [rows[i] for i in fit.tolist()]
+        index = feature_index(fit_rows, cfg.min_count)  # features seen when fitting only
+        w, b = fit_logistic(*bags(fit_rows, index), y[fit], max(len(index), 1), cfg.l2, cfg.max_iter)
+        out[held] = _logits(w, b, *bags([rows[i] for i in held.tolist()], index))
     return out
 
 

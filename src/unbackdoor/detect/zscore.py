@@ -157,15 +157,16 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         cfg = self.config
         rows = [row_features(e, cfg.features) for e in inputs.rows]
         labels = inputs.rows.labels
+        clean_rows = [row_features(e, cfg.features) for e in inputs.clean]
         z = label_zscores(rows, labels, inputs.rows.num_labels, cfg.prior)
         if cfg.contrast == "clean":  # a feature counts only as far as it is over-represented in the rows
-            over = frequency_zscores(rows, [row_features(e, cfg.features) for e in inputs.clean])
+            over = frequency_zscores(rows, clean_rows)
             z = {(f, y): min(v, over[f]) for (f, y), v in z.items()}
         values = torch.tensor(list(z.values()), dtype=torch.float64)
         mean, std = float(values.mean()), float(values.std()) or 1.0
         standard = {k: (v - mean) / std for k, v in z.items()}
         scores = row_scores(standard, rows, labels)
-        clean = row_scores(standard, [row_features(e, cfg.features) for e in inputs.clean], inputs.clean.labels)
+        clean = row_scores(standard, clean_rows, inputs.clean.labels)
         threshold, top_tie = calibrated_threshold(clean, standard, cfg.clean_quantile, cfg.top_tie == "drop")
         top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
