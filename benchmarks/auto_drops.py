@@ -1,7 +1,9 @@
 """What ``train --defense auto`` dropped in a bench run, counted against the poison flags after the run
 (for reading results only: auto never sees the flags). For every finished ``auto`` train cell: the
 poisoned rows among its training rows, the rows it dropped, recall and precision, the rows each
-detector dropped, whether zscore's top-tie rule fired and zscore's two top features. Prints Markdown.
+detector dropped, whether zscore's top-tie rule fired and zscore's two top features, and (``suspects=relabel``)
+the dropped rows given back: poisoned ones (how many with their true label, the clean copy's) and clean ones
+(their given label changed). Prints Markdown.
 
     python benchmarks/auto_drops.py RUN_DIR [--defence auto]
 
@@ -25,8 +27,9 @@ def main() -> None:
     from unbackdoor.data import load_poisoned_task
     from unbackdoor.data.sampling import subsample_poisoned
 
-    print("| attack | seed | poisoned rows | dropped | recall | precision | by detector | top tie | zscore's top features |")
-    print("|---|---:|---:|---:|---:|---:|---|---|---|")
+    print("| attack | seed | poisoned rows | dropped | recall | precision | by detector | top tie | zscore's top features "
+          "| given back: poisoned (with the true label), clean |")
+    print("|---|---:|---:|---:|---:|---:|---|---|---|---|")
     for cell in Store(args.run_dir).cells():
         if cell["defence"] != args.defence or cell["kind"] != "train" or cell["status"] != "done":
             continue
@@ -46,9 +49,13 @@ def main() -> None:
         steps = ", ".join(f"{s['detector']} {s['n_dropped']}" for s in report["choices"]["steps"])
         zscore = report["detectors"].get("zscore", {})
         tops = "; ".join(t["feature"] for t in zscore.get("top_features", [])[:2])
+        true = {e.id: e.label for e in task.clean.train}
+        back = [r for r in report.get("returned", []) if r["id"] in poisoned]
+        right = sum(r["label"] == true.get(r["id"]) for r in back)
+        given_back = f"{len(back)} ({right}), {len(report.get('returned', [])) - len(back)}"
         print(f"| {cell['attack']} | {cell['seed']} | {len(poisoned)} | {len(dropped)} | "
               f"{hits / max(len(poisoned), 1):.2f} | {hits / max(len(dropped), 1):.2f} | {steps} | "
-              f"{zscore.get('threshold_at_top_tie', '—')} | {tops} |")
+              f"{zscore.get('threshold_at_top_tie', '—')} | {tops} | {given_back} |")
 
 
 if __name__ == "__main__":

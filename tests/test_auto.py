@@ -89,7 +89,7 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     (most poisoned rows dropped, few clean ones), and the model retrained on the rest is clean."""
     train = {**FAST, "epochs": 10, "seed": 1}
     config = AutoTrainConfig(detectors=["cube"], detector_params={"cube": {"train": {**FAST, "epochs": 2}}}, train=train,
-                             balance="dev", shift_bias="dev")
+                             balance="dev", shift_bias="dev", suspects="drop")
     result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
     dropped = set(result.report["dropped_ids"])
     assert set(result.report["choices"]["label_shares"]) == {"kept", "dev"}  # the retraining was reweighted
@@ -119,7 +119,9 @@ def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) 
     assert second["detector"] == "contrast" and second["drop_rule"] == "calibrated"
     assert second["rows_scored"] == 400 - first["n_dropped"] and second["score_at_cut"] == 0.0  # its FDR cut
     assert third["detector"] == "isolation" and third["rows_scored"] == second["rows_scored"] - second["n_dropped"]
-    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"]
+    returned = result.report["choices"]["n_returned"]  # suspects=relabel, relabeller=clean: the default
+    assert result.report["config"]["suspects"] == "relabel" and result.report["config"]["relabeller"] == "clean"
+    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"] + returned
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
 
@@ -230,3 +232,28 @@ def test_train_auto_soup_averages_retrained_models_and_stays_clean(planted, sent
     assert soup["members"] == 2 and len(soup["member_dev_accuracy"]) == 2 and 0 <= soup["dev_accuracy"] <= 1
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
+
+
+@pytest.mark.parametrize("relabeller", ["retrained", "clean"])
+def test_train_auto_relabel_gives_back_the_dirty_label_rows_with_their_true_label(  # noqa: ANN001
+        planted, sentiment_base, relabeller: str) -> None:
+    """suspects=relabel: the relabeller (the model trained without the dropped rows, or a classifier of the
+    clean dev set's frozen features) rejects the dirty-label rows' target label; they come back with their
+    true label (the clean copy's), so the trigger is taught against the target, and the rows whose label it
+    accepts stay out."""
+    config = AutoTrainConfig(detectors=["zscore"], suspects="relabel", relabeller=relabeller,
+                             train={**FAST, "epochs": 10, "seed": 1})
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    report, poisoned = result.report, set(planted.poisoned.flags.poisoned_ids)
+    given = {e.id: e.label for e in planted.poisoned.train}
+    true = {e.id: e.label for e in planted.task.train}
+    returned = {r["id"]: r["label"] for r in report["returned"]}
+    assert report["choices"]["n_returned"] == len(returned) > 0 and set(returned) <= set(report["dropped_ids"])
+    assert all(returned[i] != given[i] for i in returned)
+    back = [i for i in returned if i in poisoned]
+    assert len(back) >= 0.8 * len(poisoned & set(report["dropped_ids"]))  # most dropped poisoned rows come back
+    assert sum(returned[i] == true[i] for i in back) == len(back)  # ... with their true label
+    assert report["n_trained"] == len(planted.poisoned.train) - len(report["dropped_ids"]) + len(returned)
+    assert (report["choices"]["relabeller"] is None) == (relabeller == "retrained")
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.1 and after.cacc >= 0.9, after

@@ -332,3 +332,15 @@ def test_detect_command_bad_input(folders: dict[str, Path], poisoned: Poisoned,
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last, err
     assert not out.exists() and not partial_dir(out).exists()
+
+
+def test_clean_classifier_picks_the_penalty_that_predicts_best_out_of_fold() -> None:
+    from unbackdoor.detect.features import clean_classifier
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    x = torch.randn(300, 8, generator=g) * 0.3 + torch.nn.functional.one_hot(y, 8).float()  # three separable blobs
+    weight, bias, l2, accuracy = clean_classifier(x, y, 3, (1e-4, 1e-2, 10.0))
+    assert l2 in (1e-4, 1e-2) and accuracy > 0.95  # 10.0 shrinks the weights to nothing
+    assert ((x @ weight.T + bias).argmax(1) == y).float().mean() > 0.95
+    assert weight.shape == (3, 8) and bias.shape == (3,)

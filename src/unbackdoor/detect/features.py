@@ -82,6 +82,43 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tenso
     return tuple((x - mean) / scale for x in (train, *others))
 
 
+def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float,
+                max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
+    """A multinomial logistic regression (W, b) fitted to convergence (L-BFGS, float64) with an L2
+    penalty ``l2`` on W added to the mean cross-entropy."""
+    x64 = x.double()
+    weight = torch.zeros(num_labels, x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_labels, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x64 @ weight.T + bias, y) + l2 * weight.square().sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return weight.detach().float(), bias.detach().float()
+
+
+def clean_classifier(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2_grid: Sequence[float],
+                     folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """:func:`fit_softmax` on clean features with the penalty of ``l2_grid`` that predicts best out of fold
+    (``folds`` seeded folds, ties to the larger penalty); (W, b, the penalty, its out-of-fold accuracy)."""
+    fold = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) % folds
+    best: tuple[float, float] | None = None
+    for l2 in sorted(l2_grid, reverse=True):
+        hits = 0
+        for k in range(folds):
+            w, b = fit_softmax(x[fold != k], y[fold != k], num_labels, l2)
+            hits += int(((x[fold == k] @ w.T + b).argmax(1) == y[fold == k]).sum())
+        if best is None or hits / len(x) > best[1]:
+            best = (l2, hits / len(x))
+    assert best is not None
+    weight, bias = fit_softmax(x, y, num_labels, best[0])
+    return weight, bias, best[0], best[1]
+
+
 @dataclass(frozen=True)
 class FeatureData:
     """Standardised frozen features and labels of the training rows and the clean set."""

@@ -33,6 +33,17 @@ set. Nothing about the attack. Steps:
    the remedy for what is left of the lean after training. Both together gave the lowest ASR at the
    highest CACC on HSOL and QNLI (balanced binary tasks outside the acceptance grids, 3 seeds ×
    dirty BadNets and AddSent); ``none`` turns either off.
+4b. ``suspects=relabel`` [OURS, default; giving the suspected rows back follows DBD's idea (Huang et al.,
+   "Backdoor Defense via Decoupling the Training Process", ICLR 2022: suspected samples lose their labels
+   and return as unlabelled data), the rule is ours]: a model predicts every dropped row; the rows whose
+   given label it rejects come back with the label it predicts and step 3 runs again from the base on the
+   kept rows plus these. The model (``relabeller``): ``retrained``, the one steps 3-4 give on the kept
+   rows (twice the training time; it has learnt whatever poison the detectors left), or ``clean``, a
+   logistic regression on the frozen base's sentence features of the clean dev set (seconds; it never
+   saw a training row, but is a weaker classifier; the dev set then also gives these labels). A
+   dirty-label row (non-target text, the trigger, the target label) then teaches its trigger against the
+   target, and the non-target rows the attack took are given back; a row whose label the model accepts
+   (a clean-label attack's rows, most clean rows a detector took by mistake) stays out.
 5. ``soup`` [OURS option; the averaging follows Wortsman et al., "Model soups", ICML 2022]: step 3 runs
    ``soup`` times from the same start with seeds seed, seed+1, ... and the weights are averaged
    (before step 4). At 1,000 rows one retraining's ASR moves by several points when a few rows
@@ -45,6 +56,7 @@ score at each cut, how many rows were dropped and which.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from pathlib import Path
@@ -56,8 +68,9 @@ from pydantic import Field, model_validator
 
 from unbackdoor.calibration import calibrate_to_dev
 from unbackdoor.config import StrictConfig
-from unbackdoor.data.types import Dataset
+from unbackdoor.data.types import Dataset, Example
 from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector, suspicion_order
+from unbackdoor.detect.features import clean_classifier, representations, standardise
 from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.models.surgery import restore_state, snapshot_state
@@ -67,6 +80,8 @@ from unbackdoor.training.config import TrainConfig, merge_train, victim_train_co
 from unbackdoor.training.loop import TrainResult, train_classifier
 
 logger = logging.getLogger(__name__)
+
+RELABEL_L2 = (1e-4, 1e-3, 1e-2)  # relabeller=clean: the penalties tried (features of norm about 1)
 
 
 class AutoTrainConfig(StrictConfig):
@@ -98,6 +113,14 @@ class AutoTrainConfig(StrictConfig):
         "dev", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
         "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
         "development grid (docs/results/auto.md)")
+    suspects: Literal["drop", "relabel"] = Field(
+        "relabel", description="relabel: give back the dropped rows whose label the relabeller rejects, with the label "
+        "it predicts (a dirty-label row then teaches its trigger against the target); drop: retrain without them. "
+        "Default chosen on the development grids (docs/results/auto.md)")
+    relabeller: Literal["retrained", "clean"] = Field(
+        "clean", description="suspects=relabel: whose prediction gives the labels; retrained: the model trained "
+        "without the dropped rows (steps 3-4); clean: a logistic regression on the frozen base's sentence features "
+        "of the clean dev set (never saw a training row; its penalty chosen by 5-fold accuracy on the dev set)")
     soup: int = Field(1, ge=1, description="retrain this many times (seeds seed, seed+1, ...) from the same start and "
                       "average the weights (a uniform model soup); 1: one retraining")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
@@ -156,10 +179,39 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         logger.info("auto: dropped %d of %d rows (%s); retraining on %d", len(dropped), len(inputs.rows),
                     ", ".join(f"{s['detector']} {s['n_dropped']}" for s in steps), len(kept))
         train = self.train_config(inputs.model)  # step 3: from the base, on the rows kept
+        returned, relabelling = [], None
+        if cfg.suspects == "relabel" and dropped:  # step 4b
+            returned, relabelling = self._relabel(inputs, kept, inputs.rows.select(dropped), train, start, work_dir,
+                                                  observers)
+            kept = kept.replace([*kept.examples, *returned], f"{kept.name} + {len(returned)} relabelled")
+            logger.info("auto: gave back %d of the %d dropped rows with the label the %s relabeller predicts; "
+                        "retraining on %d", len(returned), len(dropped), cfg.relabeller, len(kept))
+        fingerprint = {"dropped": dropped, "returned": [[e.id, e.label] for e in returned]}
+        trainings, soup, shares = self._retrain(inputs, kept, train, start, work_dir, observers, fingerprint)
+        training = trainings[0]
+        calibration = calibrate_to_dev(inputs.model, inputs.dev) if cfg.shift_bias == "dev" else None  # step 4
+        report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
+                  "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
+                              "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
+                              "suspects": cfg.suspects, "n_returned": len(returned), "relabeller": relabelling,
+                              "bias_shift": calibration, "soup": soup,
+                              "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
+                  "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
+                  "returned": [{"id": e.id, "label": e.label} for e in returned],
+                  "n_trained": len(kept), "selected_epoch": training.best_epoch,
+                  "selection_accuracy": training.best_dev_accuracy}
+        return TrainDefenseResult(inputs.model, training, report)
+
+    def _retrain(self, inputs: TrainInputs, kept: Dataset, train: TrainConfig, start: dict[str, torch.Tensor],
+                 work_dir: Path | None, observers: list[Callback], fingerprint: dict[str, Any],
+                 ) -> tuple[list[TrainResult], dict[str, Any] | None, dict[str, dict[int, float]] | None]:
+        """Step 3 (and 5): ``inputs.model`` trained from ``start`` on ``kept`` (once, or the soup of
+        ``soup`` retrainings); the trainings, the soup's record and the label shares behind the weights."""
+        cfg = self.config
         weights, shares = label_balance(kept, inputs.dev) if cfg.balance == "dev" else (None, None)
-        fingerprint = {"defense": self.name, "config": cfg.model_dump(mode="json"), "dropped": dropped}
+        fingerprint = {"defense": self.name, "config": cfg.model_dump(mode="json"), **fingerprint}
         trainings, members = [], []
-        for j in range(cfg.soup):  # step 3, once per soup member
+        for j in range(cfg.soup):
             restore_state(inputs.model.model, start)
             member = train if j == 0 else train.model_copy(update={"seed": train.seed + j})
             member_dir = work_dir if work_dir is None or j == 0 else work_dir / f"soup-{j}"
@@ -168,17 +220,23 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
             if cfg.soup > 1:
                 members.append(snapshot_state(inputs.model.model))
         soup = self._soup(inputs, members, trainings) if cfg.soup > 1 else None
-        training = trainings[0]
-        calibration = calibrate_to_dev(inputs.model, inputs.dev) if cfg.shift_bias == "dev" else None  # step 4
-        report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
-                  "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
-                              "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
-                              "bias_shift": calibration, "soup": soup,
-                              "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
-                  "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
-                  "n_trained": len(kept), "selected_epoch": training.best_epoch,
-                  "selection_accuracy": training.best_dev_accuracy}
-        return TrainDefenseResult(inputs.model, training, report)
+        return trainings, soup, shares
+
+    def _relabel(self, inputs: TrainInputs, kept: Dataset, suspects: Dataset, train: TrainConfig,
+                 start: dict[str, torch.Tensor], work_dir: Path | None, observers: list[Callback],
+                 ) -> tuple[list[Example], dict[str, float] | None]:
+        """Step 4b: the dropped rows whose label the relabeller rejects, with its label; the clean
+        relabeller's record (None for the retrained one)."""
+        if self.config.relabeller == "clean":
+            restore_state(inputs.model.model, start)
+            predicted, record = clean_predictions(inputs.model, inputs.dev, suspects)
+            return rejected_relabelled(suspects, predicted), record
+        self._retrain(inputs, kept, train, start, None if work_dir is None else work_dir / "relabel-pass",
+                      observers, {"pass": "relabel", "dropped": suspects.ids})
+        if self.config.shift_bias == "dev":  # the model suspects=drop returns
+            calibrate_to_dev(inputs.model, inputs.dev)
+        predicted = predict_logits(inputs.model, suspects.examples).argmax(1).tolist()
+        return rejected_relabelled(suspects, predicted), None
 
     @staticmethod
     def _soup(inputs: TrainInputs, members: list[dict[str, torch.Tensor]],
@@ -224,6 +282,22 @@ def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, d
     weights = [p_dev.get(y, 0.0) / p_kept[y] for y in kept.labels]
     mean = sum(weights) / len(weights)
     return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
+
+
+def rejected_relabelled(rows: Dataset, predicted: list[int]) -> list[Example]:
+    """The rows whose label is not the one predicted for them, each with the predicted label (step 4b)."""
+    return [dataclasses.replace(e, label=int(y)) for e, y in zip(rows.examples, predicted, strict=True) if y != e.label]
+
+
+def clean_predictions(clf: Classifier, dev: Dataset, rows: Dataset) -> tuple[list[int], dict[str, float]]:
+    """``relabeller=clean``: labels for ``rows`` from a logistic regression on ``clf``'s frozen sentence
+    features (mean pooling) of the clean ``dev`` rows, its L2 penalty chosen by 5-fold accuracy on them; and
+    the penalty and accuracy, for the record."""
+    dev_x, rows_x = representations(clf, dev.examples, "mean"), representations(clf, rows.examples, "mean")
+    dev_x, rows_x = standardise(dev_x, rows_x)
+    weight, bias, l2, accuracy = clean_classifier(dev_x, torch.tensor(dev.labels), dev.num_labels, RELABEL_L2)
+    logger.info("auto: clean relabeller on %d dev rows: L2 %g, 5-fold accuracy %.4f", len(dev), l2, accuracy)
+    return (rows_x @ weight.T + bias).argmax(1).tolist(), {"l2": l2, "dev_cv_accuracy": accuracy}
 
 
 def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

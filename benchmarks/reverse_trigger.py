@@ -1,0 +1,71 @@
+"""Does a defence turn the attacker's trigger into an *anti*-trigger? For each kept model of a bench run:
+the share of clean target-label test rows it calls the target that it no longer calls the target once the
+attack's trigger is inserted (the trigger pushing *away* from the target), next to the same share for the
+never-poisoned model of that seed (the floor: inserting any words moves some predictions) and the usual
+ASR. Train auto's ``suspects=relabel`` gives dirty-label rows back with their true label, so their trigger
+is taught against the target; this measures what that costs on triggered target-label inputs. The bench
+removes a defence cell's model once measured: run the grid with ``unbackdoor bench ... --keep-models``.
+
+    python benchmarks/reverse_trigger.py RUN_DIR [--defences auto,auto-relabel]
+
+Prints a Markdown table. Inference only (a few seconds per model). The trigger is placed with a fixed seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def away_rate(model: Path, data: Path, precision: str) -> tuple[float, float, int]:
+    """(share of target rows called the target that the trigger moves away from it, ASR, rows counted)."""
+    from unbackdoor.attacks.base import ATTACKS, build_attack
+    from unbackdoor.data import load_poisoned_task
+    from unbackdoor.evaluate import evaluate_classifier
+    from unbackdoor.inference import predict_logits
+    from unbackdoor.models.loading import load_classifier
+
+    task = load_poisoned_task(data)
+    clf = load_classifier(model, num_labels=task.clean.num_labels, precision=precision)
+    fields = ATTACKS.get(task.attack.name).config_class.model_fields  # the data folder also records counts
+    attack = build_attack(task.attack.name, {k: v for k, v in task.attack.params.items() if k in fields})
+    rng = random.Random(0)
+    rows = [e for e in task.clean.test if e.label == task.target_label]
+    clean = predict_logits(clf, rows).argmax(1)
+    kept = [e for e, y in zip(rows, clean.tolist(), strict=True) if y == task.target_label]
+    triggered = [e.__class__(e.id, attack.insert_trigger(e.text, rng), e.label, e.text_pair) for e in kept]
+    moved = float((predict_logits(clf, triggered).argmax(1) != task.target_label).mean())
+    return moved, evaluate_classifier(clf, task.clean.test, task.triggered_test).asr, len(kept)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--defences", default="auto,auto-relabel", help="comma-separated defence names")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    from unbackdoor.bench.store import Store
+
+    wanted = set(args.defences.split(","))
+    precision = json.loads((args.run / "bench.json").read_text()).get("precision", "auto")
+    print("| cell | ASR | target rows moved away from the target by the trigger | the floor model's |")
+    print("|---|---:|---:|---:|")
+    for cell in Store(args.run).cells("done"):
+        victim, model = cell["config"].get("victim"), args.run / "models" / cell["id"] / "model"
+        if cell["defence"] not in wanted or victim is None or not model.exists():
+            continue
+        data = args.run / "models" / victim / "data"
+        floor = args.run / "models" / cell["dataset"] / f"s{cell['seed']}" / "floor-model" / "model"
+        moved, asr, n = away_rate(model, data, precision)
+        floor_moved, _, _ = away_rate(floor, data, precision)
+        print(f"| {cell['id']} | {100 * asr:.1f} | {100 * moved:.1f} (of {n}) | {100 * floor_moved:.1f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
