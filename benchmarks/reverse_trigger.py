@@ -6,7 +6,7 @@ ASR. Train auto's ``suspects=relabel`` gives dirty-label rows back with their tr
 is taught against the target; this measures what that costs on triggered target-label inputs. The bench
 removes a defence cell's model once measured: run the grid with ``unbackdoor bench ... --keep-models``.
 
-    python benchmarks/reverse_trigger.py RUN_DIR [--defences auto,auto-relabel]
+    python benchmarks/reverse_trigger.py RUN_DIR [--defences none,auto-relabel-clean,auto-drop]
 
 Prints a Markdown table. Inference only (a few seconds per model). The trigger is placed with a fixed seed.
 """
@@ -47,7 +47,7 @@ def away_rate(model: Path, data: Path, precision: str) -> tuple[float, float, in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path)
-    parser.add_argument("--defences", default="auto,auto-relabel", help="comma-separated defence names")
+    parser.add_argument("--defences", default="none,auto-relabel-clean,auto-drop", help="comma-separated defence names")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from unbackdoor.bench.store import Store

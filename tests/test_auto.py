@@ -119,9 +119,8 @@ def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) 
     assert second["detector"] == "contrast" and second["drop_rule"] == "calibrated"
     assert second["rows_scored"] == 400 - first["n_dropped"] and second["score_at_cut"] == 0.0  # its FDR cut
     assert third["detector"] == "isolation" and third["rows_scored"] == second["rows_scored"] - second["n_dropped"]
-    returned = result.report["choices"]["n_returned"]  # suspects=relabel, relabeller=clean: the default
-    assert result.report["config"]["suspects"] == "relabel" and result.report["config"]["relabeller"] == "clean"
-    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"] + returned
+    assert result.report["config"]["suspects"] == "drop" and result.report["choices"]["n_returned"] == 0
+    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"]
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
 

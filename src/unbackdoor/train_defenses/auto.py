@@ -33,7 +33,7 @@ set. Nothing about the attack. Steps:
    the remedy for what is left of the lean after training. Both together gave the lowest ASR at the
    highest CACC on HSOL and QNLI (balanced binary tasks outside the acceptance grids, 3 seeds ×
    dirty BadNets and AddSent); ``none`` turns either off.
-4b. ``suspects=relabel`` [OURS, default; giving the suspected rows back follows DBD's idea (Huang et al.,
+4b. ``suspects=relabel`` [OURS option, off; giving the suspected rows back follows DBD's idea (Huang et al.,
    "Backdoor Defense via Decoupling the Training Process", ICLR 2022: suspected samples lose their labels
    and return as unlabelled data), the rule is ours]: a model predicts every dropped row; the rows whose
    given label it rejects come back with the label it predicts and step 3 runs again from the base on the
@@ -43,7 +43,11 @@ set. Nothing about the attack. Steps:
    saw a training row, but is a weaker classifier; the dev set then also gives these labels). A
    dirty-label row (non-target text, the trigger, the target label) then teaches its trigger against the
    target, and the non-target rows the attack took are given back; a row whose label the model accepts
-   (a clean-label attack's rows, most clean rows a detector took by mistake) stays out.
+   (a clean-label attack's rows, most clean rows a detector took by mistake) stays out. Measured on the
+   development grids it lowered ASR on every attack (to below the floor), but that is the trigger
+   turned into an anti-trigger: with AddSent's rows given back, the trigger moved 93-95 % of clean
+   target-label rows to the other label (never-poisoned model: 2-13 %). A backdoor towards the other
+   label is not a clean model, so ``drop`` stays the default (docs/results/auto.md).
 5. ``soup`` [OURS option; the averaging follows Wortsman et al., "Model soups", ICML 2022]: step 3 runs
    ``soup`` times from the same start with seeds seed, seed+1, ... and the weights are averaged
    (before step 4). At 1,000 rows one retraining's ASR moves by several points when a few rows
@@ -114,9 +118,9 @@ class AutoTrainConfig(StrictConfig):
         "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
         "development grid (docs/results/auto.md)")
     suspects: Literal["drop", "relabel"] = Field(
-        "relabel", description="relabel: give back the dropped rows whose label the relabeller rejects, with the label "
-        "it predicts (a dirty-label row then teaches its trigger against the target); drop: retrain without them. "
-        "Default chosen on the development grids (docs/results/auto.md)")
+        "drop", description="drop: retrain without the dropped rows; relabel: give back the dropped rows whose label "
+        "the relabeller rejects, with the label it predicts (a dirty-label row then teaches its trigger against the "
+        "target: lower ASR, but the trigger becomes an anti-trigger, so it is off; docs/results/auto.md)")
     relabeller: Literal["retrained", "clean"] = Field(
         "clean", description="suspects=relabel: whose prediction gives the labels; retrained: the model trained "
         "without the dropped rows (steps 3-4); clean: a logistic regression on the frozen base's sentence features "
