@@ -190,8 +190,9 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
             kept = kept.replace([*kept.examples, *returned], f"{kept.name} + {len(returned)} relabelled")
             logger.info("auto: gave back %d of the %d dropped rows with the label the %s relabeller predicts; "
                         "retraining on %d", len(returned), len(dropped), cfg.relabeller, len(kept))
-        fingerprint = {"dropped": dropped, "returned": [[e.id, e.label] for e in returned]}
-        trainings, soup, shares = self._retrain(inputs, kept, train, start, work_dir, observers, fingerprint)
+        given_back = [{"id": e.id, "label": e.label} for e in returned]
+        trainings, soup, shares = self._retrain(inputs, kept, train, start, work_dir, observers,
+                                                {"dropped": dropped, "returned": given_back})
         training = trainings[0]
         calibration = calibrate_to_dev(inputs.model, inputs.dev) if cfg.shift_bias == "dev" else None  # step 4
         report = {"method": self.name, "config": cfg.model_dump(mode="json"), "train": train.model_dump(),
@@ -201,7 +202,7 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
                               "bias_shift": calibration, "soup": soup,
                               "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
                   "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
-                  "returned": [{"id": e.id, "label": e.label} for e in returned],
+                  "returned": given_back,
                   "n_trained": len(kept), "selected_epoch": training.best_epoch,
                   "selection_accuracy": training.best_dev_accuracy}
         return TrainDefenseResult(inputs.model, training, report)
