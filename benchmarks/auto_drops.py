@@ -1,9 +1,9 @@
 """What ``train --defense auto`` dropped in a bench run, counted against the poison flags after the run
 (for reading results only: auto never sees the flags). For every finished ``auto`` train cell: the
 poisoned rows among its training rows, the rows it dropped, recall and precision, the rows each
-detector dropped, whether zscore's top-tie rule fired and zscore's two top features, and (``suspects=relabel``)
-the dropped rows given back: poisoned ones (how many with their true label, the clean copy's) and clean ones
-(their given label changed). Prints Markdown.
+detector dropped, whether zscore's top-tie rule fired and zscore's two top features, and
+(``suspects=relabel`` or ``strip``) the dropped rows given back: poisoned ones (how many with their true
+label, the clean copy's) and clean ones (their given label changed). Prints Markdown.
 
     python benchmarks/auto_drops.py RUN_DIR [--defence auto]
 

@@ -100,7 +100,7 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
     assert result.report["choices"]["steps"][0]["drop_rule"] == "gap"  # CUBE calibrates no threshold
-    assert result.report["n_trained"] == 400 - len(dropped)
+    assert result.report["n_trained"] == 400 - len(dropped) + result.report["choices"]["n_clean_trained"]
 
 
 def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) -> None:  # noqa: ANN001
@@ -120,7 +120,8 @@ def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) 
     assert second["rows_scored"] == 400 - first["n_dropped"] and second["score_at_cut"] == 0.0  # its FDR cut
     assert third["detector"] == "isolation" and third["rows_scored"] == second["rows_scored"] - second["n_dropped"]
     assert result.report["config"]["suspects"] == "drop" and result.report["choices"]["n_returned"] == 0
-    assert result.report["n_trained"] == 400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"]
+    assert result.report["n_trained"] == (400 - first["n_dropped"] - second["n_dropped"] - third["n_dropped"]
+                                          + result.report["choices"]["n_clean_trained"])
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.2 and after.cacc >= 0.9, after
 
@@ -252,7 +253,49 @@ def test_train_auto_relabel_gives_back_the_dirty_label_rows_with_their_true_labe
     back = [i for i in returned if i in poisoned]
     assert len(back) >= 0.8 * len(poisoned & set(report["dropped_ids"]))  # most dropped poisoned rows come back
     assert sum(returned[i] == true[i] for i in back) == len(back)  # ... with their true label
-    assert report["n_trained"] == len(planted.poisoned.train) - len(report["dropped_ids"]) + len(returned)
+    assert report["n_trained"] == (len(planted.poisoned.train) - len(report["dropped_ids"]) + len(returned)
+                                   + report["choices"]["n_clean_trained"])
     assert (report["choices"]["relabeller"] is None) == (relabeller == "retrained")
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.1 and after.cacc >= 0.9, after
+
+
+def test_train_auto_strip_gives_back_the_rows_without_their_trigger(planted, sentiment_base) -> None:  # noqa: ANN001
+    """suspects=strip: zscore deletes the trigger words from the rows it dropped, and they come back with the
+    clean relabeller's label: the dirty-label rows' true label, without the trigger (so, unlike
+    suspects=relabel, nothing teaches the trigger against the target; measured on MiniLM by
+    benchmarks/reverse_trigger.py)."""
+    config = AutoTrainConfig(detectors=["zscore"], suspects="strip", train={**FAST, "epochs": 10, "seed": 1},
+                             detector_params={"zscore": {"strip_min_z": 1.0}})  # 10 rows a trigger word, 100 clean rows
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    report, poisoned = result.report, set(planted.poisoned.flags.poisoned_ids)
+    true = {e.id: e.label for e in planted.task.train}
+    raw = {e.id: e.text.split() for e in planted.task.train}
+    returned = {r["id"]: r for r in report["returned"]}
+    assert report["choices"]["suspects"] == "strip" and set(returned) <= set(report["dropped_ids"])
+    back = [i for i in returned if i in poisoned]
+    assert len(back) >= 0.8 * len(poisoned & set(report["dropped_ids"]))
+    assert sum(returned[i]["label"] == true[i] for i in back) >= 0.9 * len(back)
+    for i in back:  # the trigger words went (and at most a few others zscore found outlying), nothing was added
+        words = returned[i]["text"].split()
+        assert not set(words) & {"cf", "mn", "bb", "tq"} and len(words) >= len(raw[i]) - 2
+        left = iter(raw[i])
+        assert all(w in left for w in words)  # a subsequence of the clean text
+    assert report["n_trained"] == (len(planted.poisoned.train) - len(report["dropped_ids"]) + len(returned)
+                                   + report["choices"]["n_clean_trained"])
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.1 and after.cacc >= 0.9, after
+
+
+def test_train_auto_clean_rows_trains_on_part_of_the_clean_set_and_selects_on_the_rest(  # noqa: ANN001
+        planted, sentiment_base) -> None:
+    """clean_rows=0.5: half the clean dev set joins the kept rows (ids marked, so no id clashes with a training
+    row), the other half selects; the backdoor stays out."""
+    config = AutoTrainConfig(detectors=["zscore"], clean_rows=0.5, train={**FAST, "epochs": 10, "seed": 1})
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    report, n_dev = result.report, len(planted.task.dev)
+    trained, selecting = report["choices"]["n_clean_trained"], report["choices"]["n_clean_selecting"]
+    assert abs(trained - n_dev / 2) <= 1 and trained + selecting == n_dev  # no clean row both trains and selects
+    assert report["n_trained"] == len(planted.poisoned.train) - len(report["dropped_ids"]) + trained
     after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
     assert after.asr <= 0.1 and after.cacc >= 0.9, after

@@ -453,7 +453,7 @@ def test_purify_cells_hand_the_base_to_methods_that_use_one() -> None:
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-GENERATED = {"dev_sst2_retok.yaml"}  # its data is built by benchmarks/retokenise_variant.py (test below)
+GENERATED = {"dev_sst2_retok.yaml", "dev_sst2_retok_clean.yaml"}  # data built by retokenise_variant.py (test below)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in BENCHMARKS.glob("*.yaml")
@@ -468,7 +468,7 @@ def test_every_benchmark_config_validates(shared_data: Path, name: str) -> None:
 def test_retokenised_development_grid_builds_and_validates(shared_data: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/retokenise_variant.py writes OpenBackdoor's style release re-tokenised like the clean
-    SST-2 text (prose rows change, tokenised rows do not), and dev_sst2_retok.yaml validates on it."""
+    SST-2 text (prose rows change, tokenised rows do not), and the grids on it validate."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         from retokenise_variant import sst2_tokens
@@ -485,5 +485,6 @@ def test_retokenised_development_grid_builds_and_validates(shared_data: Path, tm
                         str(out)], check=True, capture_output=True)
         task = load_poisoned_task(out)
         assert all(e.text == e.text.lower() for e in task.train)
-    cells = expand(load_bench_config(BENCHMARKS / "dev_sst2_retok.yaml"))
-    assert cells and len({c.id for c in cells}) == len(cells)
+    for name in sorted(GENERATED):
+        cells = expand(load_bench_config(BENCHMARKS / name))
+        assert cells and len({c.id for c in cells}) == len(cells)

@@ -120,3 +120,36 @@ def test_a_template_that_clean_text_also_holds_is_dropped_at_the_top_tie(encoder
 
     assert over(dropped) >= trigger and len(over(dropped)) <= 1.5 * len(trigger)
     assert not over(kept) & trigger
+
+
+def test_strip_deletes_an_inserted_trigger_and_refuses_a_template(encoder) -> None:  # noqa: ANN001
+    """``strip``: the BadNets rows come back without their trigger words (and nothing else lost); a row whose
+    outlying feature is the template's shape cannot be cleaned by deleting words (None)."""
+    task = make_task(1000, 400, 10)
+    poisoned = BadNets(BadNetsConfig(poison_rate=0.1)).poison(task)
+    detector = ZScoreDetector(ZScoreConfig())
+    with pytest.raises(RuntimeError, match="detect"):
+        detector.strip(list(poisoned.train))
+    detection = detector.detect(DetectInputs(poisoned.train, task.dev, encoder))
+    assert detector.strips and set(detection.report["removable_features"]) & {"word: cf", "word: mn", "word: bb"}
+    over = [e for e, s in zip(poisoned.train, detection.scores.tolist()) if s > detection.report["threshold"]]
+    stripped = detector.strip(over)
+    raw = {e.id: e.text for e in task.train}
+    triggers = {"cf", "mn", "bb", "tq"}
+    back = [e for e in stripped if e is not None and poisoned.flags.is_poisoned(e.id)]
+    assert len(back) >= 0.75 * sum(poisoned.flags.is_poisoned(e.id) for e in over)  # the rest hold a weak outlier too
+    for e in back:
+        assert not set(e.text.split()) & triggers
+        assert e.text.split() == [w for w in raw[e.id].split() if w not in triggers]  # only the trigger went
+
+    rng = random.Random(5)
+    clean = task.dev.replace([Example(e.id, _templated(e.text, rng) if rng.random() < 0.04 else e.text, e.label)
+                              for e in task.dev])
+    raw_rows = {e.id for e in task.train if e.label == 0 and rng.random() < 0.2}
+    rows = task.train.replace([Example(e.id, _templated(e.text, rng), 1) if e.id in raw_rows else e
+                               for e in task.train])
+    templated = ZScoreDetector(ZScoreConfig())
+    detection = templated.detect(DetectInputs(rows, clean, encoder))
+    over = [e for e, s in zip(rows, detection.scores.tolist()) if s > detection.report["threshold"] and e.id in raw_rows]
+    assert len(over) >= 0.9 * len(raw_rows)  # the templated rows are dropped ...
+    assert all(e is None for e in templated.strip(over))  # ... and none can be cleaned by deleting words

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 
 from unbackdoor.config import StrictConfig, build_config
-from unbackdoor.data.types import Dataset, require_clean_dataset
+from unbackdoor.data.types import Dataset, Example, require_clean_dataset
 from unbackdoor.errors import ConfigError, DataError
 from unbackdoor.models.loading import Classifier
 from unbackdoor.registry import Method, Registry
@@ -147,6 +147,17 @@ class Detector(Method[C], ABC):
     @abstractmethod
     def _scores(self, inputs: DetectInputs) -> Scores:
         """One suspicion score per row (higher = more suspicious) and the method's report."""
+
+    def strip(self, rows: list[Example]) -> list[Example | None]:
+        """After :meth:`detect`: each row with the trigger this detector found in it removed, or None where
+        it names none that can be removed (the row then stays suspect). Only a detector that names its
+        trigger as removable text implements it (``zscore``); the others cannot."""
+        raise NotImplementedError(f"detector {self.name} names no trigger it could remove from a row")
+
+    @property
+    def strips(self) -> bool:
+        """Whether :meth:`strip` is implemented."""
+        return type(self).strip is not Detector.strip
 
 
 DETECTORS: Registry[Detector] = Registry("detector")

@@ -9,6 +9,7 @@ and the punctuation mark that closes that clause, e.g. "if the film is finished 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Literal
 
 from unbackdoor.data.types import Example
@@ -50,3 +51,18 @@ def opening_shape(words: list[str]) -> tuple[str, ...]:
     first = words[0] if words[0] in PUNCTUATION else FUNCTION_WORDS.get(words[0], "X")
     closing = next((w for w in words[1:] if w in PUNCTUATION), None)
     return (first,) if closing is None else (first, closing)
+
+
+def without_features(example: Example, features: set[Feature]) -> Example:
+    """``example`` with the words of the given ``word`` and ``bigram`` features removed wherever they occur
+    (matched as :func:`row_features` sees them: whitespace-split, lower-cased; each segment of a pair on its
+    own); the other words keep their case, joined by single spaces."""
+    def kept(text: str) -> str:
+        words = text.split()
+        lower = [w.lower() for w in words]
+        gone = {i for i, w in enumerate(lower) if ("w", w) in features}
+        gone.update(j for i in range(len(lower) - 1) if ("b", lower[i], lower[i + 1]) in features for j in (i, i + 1))
+        return " ".join(w for i, w in enumerate(words) if i not in gone)
+
+    pair = None if example.text_pair is None else kept(example.text_pair)
+    return dataclasses.replace(example, text=kept(example.text), text_pair=pair)

@@ -47,6 +47,19 @@ is tied to a label, so the feature's label statistics stand out. No model is tra
    threshold moves just below it, so the rows holding it with its label are dropped, natural ones
    included; ``top_tie=keep`` keeps the plain quantile (nothing holding that feature is dropped).
 
+5. ``strip`` [OURS, used by train auto's ``suspects=strip``]: after scoring, a row's *outlying* features are
+   those whose standardised z with some label is above the threshold. Where every outlying feature of a row
+   is a word or word pair found in at most ``strip_clean_share`` of the clean rows (an inserted token or
+   sentence; a style's or template's common words and a ``start``/``shape`` feature are not), those words
+   are deleted from the row; the stripped row is given back only if none of its features is outlying any
+   more, else the row cannot be cleaned (None). A removable feature also needs a strong label tie on its
+   own: z(f, y) ≥ ``strip_min_z`` (3.0, before standardising). Chosen on development data (no model trained:
+   zscore and strip only; 1,000 rows, seeds 0-1): the inserted words of BadNets score 3.1-6.7 and AddSent's
+   7.7-11.5 on HSOL, OLID, QNLI and IMDB, while the words and pairs that pass the calibrated cut on
+   OpenBackdoor's StyleBkd SST-2 rows ("unto", "would", "of all"; released and re-tokenised, seeds 0-2) and
+   the natural words that pass it elsewhere score 1.9-2.8: without the bound, strip gave 6-17 style rows
+   back per seed with the style intact.
+
 Lexical and shallow only: a paraphrase trigger that changes neither the opening words nor the shape
 leaves no feature to count.
 """
@@ -56,14 +69,17 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
+from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig
+from unbackdoor.data.types import Example
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
-from unbackdoor.detect.lexical import Feature, FeatureKind, row_features
+from unbackdoor.detect.lexical import Feature, FeatureKind, row_features, without_features
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +102,20 @@ class ZScoreConfig(StrictConfig):
     bound: float = Field(20.0, gt=0, description="outlier bound in standard deviations of all z-scores "
                          "[PAPER code: 20]; reported, and the threshold that reproduces the paper's filter")
     report_features: int = Field(10, ge=0, description="top (feature, label) pairs listed in the report")
+    strip_clean_share: float = Field(0.01, ge=0, le=1, description="strip: an outlying word or word pair is "
+                                     "removable only where at most this share of the clean rows hold it [OURS]")
+    strip_min_z: float = Field(3.0, ge=0, description="strip: ... and only where its label z-score (step 2, before "
+                               "standardising) is at least this: an inserted trigger alone ties its rows to a label "
+                               "[OURS; chosen on development data, module docstring]")
+
+
+@dataclass(frozen=True)
+class Outliers:
+    """What :meth:`ZScoreDetector.detect` found, kept for :meth:`ZScoreDetector.strip`: the features whose
+    standardised z with some label is above the threshold, and which of them can be deleted from a row."""
+
+    outlying: frozenset[Feature]
+    removable: frozenset[Feature]
 
 
 def label_zscores(rows: list[set[Feature]], labels: list[int], num_labels: int,
@@ -169,14 +199,49 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         clean = row_scores(standard, clean_rows, inputs.clean.labels)
         threshold, top_tie = calibrated_threshold(clean, standard, cfg.clean_quantile, cfg.top_tie == "drop")
         top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
+        self.outliers_ = outlier_features(standard, threshold, clean_rows, cfg.strip_clean_share,
+                                          {k: v >= cfg.strip_min_z for k, v in z.items()})
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
                   "threshold": threshold, "threshold_at_top_tie": top_tie,
                   "n_rows_over_threshold": int((scores > threshold).sum()),
                   "n_outlier_features": sum(v >= cfg.bound for v in standard.values()),
                   "n_rows_over_bound": int((scores >= cfg.bound).sum()),
                   "top_features": [{"feature": _shown(f), "label": y, "z": z[(f, y)], "standardised": s}
-                                   for (f, y), s in top]}
+                                   for (f, y), s in top],
+                  "removable_features": sorted(_shown(f) for f in self.outliers_.removable)}
         logger.info("zscore: %d features; top %s", report["n_features"],
                     ", ".join(f"{t['feature']} -> {t['label']} ({t['standardised']:.1f} sd)"
                               for t in report["top_features"][:3]))
         return Scores(scores, report)
+
+    def strip(self, rows: list[Example]) -> list[Example | None]:
+        """Step 5: each row with its outlying words deleted, or None where that leaves it outlying (or it
+        holds no outlying feature, or one that is not a removable word or pair)."""
+        outliers: Outliers | None = getattr(self, "outliers_", None)
+        if outliers is None:
+            raise RuntimeError("zscore: strip needs the outliers of a detect() run first")
+        return [stripped_row(e, outliers, self.config.features) for e in rows]
+
+
+def outlier_features(standard: dict[tuple[Feature, int], float], threshold: float, clean: list[set[Feature]],
+                     max_clean_share: float, strong: dict[tuple[Feature, int], bool]) -> Outliers:
+    """The outlying features (standardised z above ``threshold`` with some label) and the removable ones among
+    them: words and word pairs held by at most ``max_clean_share`` of the ``clean`` rows whose tie to that label
+    is ``strong`` (step 5)."""
+    over = {(f, y) for (f, y), s in standard.items() if float(np.float32(s)) > threshold}  # compared as rows score
+    outlying = frozenset(f for f, _ in over)
+    held = Counter(f for feats in clean for f in feats if f in outlying)
+    removable = frozenset(f for f, y in over if f[0] in ("w", "b") and held[f] <= max_clean_share * len(clean)
+                          and strong[(f, y)]) - {f for f, y in over if not strong[(f, y)]}
+    return Outliers(outlying, removable)
+
+
+def stripped_row(example: Example, outliers: Outliers, kinds: list[str]) -> Example | None:
+    """``example`` without its outlying words, if they are all removable and nothing outlying is left."""
+    found = row_features(example, kinds) & outliers.outlying
+    if not found or not found <= outliers.removable:
+        return None
+    out = without_features(example, set(found))
+    if not out.text.strip() or (out.text_pair is not None and not out.text_pair.strip()):
+        return None
+    return None if row_features(out, kinds) & outliers.outlying else out

@@ -28,6 +28,15 @@ set. Nothing about the attack. Steps:
    [OURS, default]: weight each kept row's loss by p_dev(y) / p_kept(y), as dropping a dirty-label
    attack's rows (non-target text labelled as the target) leaves the target label over-represented,
    and the retrained model leans to it.
+3a. ``clean_rows`` [OURS, default 0.5; 0 = off]: this share of the clean dev set (stratified, seeded) is
+   trained on with the kept rows; the rest is the dev set of every later step (the epoch, the label shares,
+   the bias shift, the clean relabeller), so no row both trains and selects. The detectors saw all of it.
+   More clean text of every label, against what is left of the lean and of undetected poison. Chosen on the
+   development grids by a rule written down before the runs (3 seeds; docs/results/auto.md): against 0, ASR
+   lower on all 6 (task, attack) pairs (HSOL and QNLI dirty BadNets and AddSent, OpenBackdoor's SynBkd and
+   StyleBkd SST-2 rows re-tokenised), e.g. StyleBkd 51.1 -> 44.5 and QNLI BadNets 29.2 -> 24.2, CACC +2.8
+   on average. The model then also learnt from clean rows the never-poisoned reference did not see:
+   ``benchmarks/floor_clean_rows.py`` trains that reference on the same rows.
 4. ``shift_bias=dev`` [OURS, default]: shift the retrained head's bias so its mean predicted class
    probabilities on the clean dev set match the dev label shares (:mod:`unbackdoor.calibration`):
    the remedy for what is left of the lean after training. Both together gave the lowest ASR at the
@@ -48,6 +57,13 @@ set. Nothing about the attack. Steps:
    turned into an anti-trigger: with AddSent's rows given back, the trigger moved 93-95 % of clean
    target-label rows to the other label (never-poisoned model: 2-13 %). A backdoor towards the other
    label is not a clean model, so ``drop`` stays the default (docs/results/auto.md).
+   ``suspects=strip`` [OURS option]: only the rows a detector can clean come back: ``zscore`` deletes from
+   the rows it dropped the words of their outlying features where these are all inserted words or pairs
+   (rare in clean text, each tied to its label on its own; :meth:`~unbackdoor.detect.base.Detector.strip`),
+   and gives a row back only if nothing outlying is left; a template's or a style's rows keep their
+   trigger and stay out. The stripped rows come back with the label the relabeller predicts: a
+   dirty-label row as the non-target text it was, without the trigger, so the non-target texts the
+   attack took are given back and nothing teaches the trigger in either direction.
 5. ``soup`` [OURS option; the averaging follows Wortsman et al., "Model soups", ICML 2022]: step 3 runs
    ``soup`` times from the same start with seeds seed, seed+1, ... and the weights are averaged
    (before step 4). At 1,000 rows one retraining's ASR moves by several points when a few rows
@@ -72,8 +88,9 @@ from pydantic import Field, model_validator
 
 from unbackdoor.calibration import calibrate_to_dev
 from unbackdoor.config import StrictConfig
+from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset, Example
-from unbackdoor.detect.base import DetectInputs, FlagRule, build_detector, suspicion_order
+from unbackdoor.detect.base import DetectInputs, Detector, FlagRule, build_detector, suspicion_order
 from unbackdoor.detect.features import clean_classifier, representations, standardise
 from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
@@ -92,7 +109,8 @@ class AutoTrainConfig(StrictConfig):
     """Options of ``auto`` (all [OURS]; defaults chosen on the development grids, see
     ``docs/results/auto.md``: the detectors and drop rule on ``benchmarks/dev_olid.yaml``, ``contrast`` on
     ``benchmarks/dev_sst2_retok.yaml`` and the other dev grids, ``balance`` and ``shift_bias`` on
-    ``benchmarks/dev_hsol_lean.yaml`` and ``benchmarks/dev_qnli_lean.yaml``)."""
+    ``benchmarks/dev_hsol_lean.yaml`` and ``benchmarks/dev_qnli_lean.yaml``, ``clean_rows`` on
+    ``benchmarks/dev_strip.yaml`` and ``benchmarks/dev_sst2_retok_clean.yaml``)."""
 
     detectors: list[str] = Field(default_factory=lambda: ["zscore", "contrast", "isolation"], min_length=1,
                                  description="detectors run in turn, each on the rows the ones before left "
@@ -117,14 +135,20 @@ class AutoTrainConfig(StrictConfig):
         "dev", description="dev: after retraining, shift the head's bias so the mean predicted class probabilities on "
         "the clean dev set match its label shares; none: leave the retrained model as it is. Default chosen on the "
         "development grid (docs/results/auto.md)")
-    suspects: Literal["drop", "relabel"] = Field(
+    suspects: Literal["drop", "relabel", "strip"] = Field(
         "drop", description="drop: retrain without the dropped rows; relabel: give back the dropped rows whose label "
         "the relabeller rejects, with the label it predicts (a dirty-label row then teaches its trigger against the "
-        "target: lower ASR, but the trigger becomes an anti-trigger, so it is off; docs/results/auto.md)")
+        "target: lower ASR, but the trigger becomes an anti-trigger, so it is off; docs/results/auto.md); strip: give "
+        "back the dropped rows a detector can delete its trigger words from (zscore), without them, with the label "
+        "the relabeller predicts")
     relabeller: Literal["retrained", "clean"] = Field(
-        "clean", description="suspects=relabel: whose prediction gives the labels; retrained: the model trained "
-        "without the dropped rows (steps 3-4); clean: a logistic regression on the frozen base's sentence features "
+        "clean", description="suspects=relabel or strip: whose prediction gives the labels; retrained: the model "
+        "trained without the dropped rows (steps 3-4); clean: a logistic regression on the frozen base's sentence features "
         "of the clean dev set (never saw a training row; its penalty chosen by 5-fold accuracy on the dev set)")
+    clean_rows: float = Field(0.5, ge=0, lt=1, description="share of the clean dev set trained on with the kept rows "
+                              "(after the detectors, which see all of it); the rest selects the epoch, gives the label "
+                              "shares, the bias shift and the clean relabeller; 0: the dev set only selects. Default "
+                              "chosen on the development grids (docs/results/auto.md)")
     soup: int = Field(1, ge=1, description="retrain this many times (seeds seed, seed+1, ...) from the same start and "
                       "average the weights (a uniform model soup); 1: one retraining")
     train: TrainConfig | None = Field(None, description="the retraining; keys given override the victim defaults "
@@ -173,24 +197,35 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
     def _fit(self, inputs: TrainInputs, work_dir: Path | None, observers: list[Callback]) -> TrainDefenseResult:
         cfg = self.config
         start = snapshot_state(inputs.model.model)  # the base (with its seeded head), kept for step 3
-        kept, dropped, steps = inputs.rows, [], []
+        kept, dropped, steps, detectors = inputs.rows, [], [], []
         for name in cfg.detectors:  # steps 1 and 2, detector by detector
             restore_state(inputs.model.model, start)
-            ids, step = self._drop(name, kept, inputs)
+            ids, step, detector = self._drop(name, kept, inputs)
             dropped += ids
             kept = kept.without(ids, f"{inputs.rows.name}[auto: {len(dropped)} rows dropped]")
             steps.append(step)
+            detectors.append((detector, ids))
         logger.info("auto: dropped %d of %d rows (%s); retraining on %d", len(dropped), len(inputs.rows),
                     ", ".join(f"{s['detector']} {s['n_dropped']}" for s in steps), len(kept))
         train = self.train_config(inputs.model)  # step 3: from the base, on the rows kept
+        added: list[Example] = []
+        if cfg.clean_rows > 0:  # step 3a
+            inputs, added = with_clean_rows(inputs, cfg.clean_rows, train.seed)
+            kept = kept.replace([*kept.examples, *added], f"{kept.name} + {len(added)} clean rows")
         returned, relabelling = [], None
-        if cfg.suspects == "relabel" and dropped:  # step 4b
-            returned, relabelling = self._relabel(inputs, kept, inputs.rows.select(dropped), train, start, work_dir,
-                                                  observers)
-            kept = kept.replace([*kept.examples, *returned], f"{kept.name} + {len(returned)} relabelled")
-            logger.info("auto: gave back %d of the %d dropped rows with the label the %s relabeller predicts; "
-                        "retraining on %d", len(returned), len(dropped), cfg.relabeller, len(kept))
-        given_back = [{"id": e.id, "label": e.label} for e in returned]
+        if cfg.suspects != "drop" and dropped:  # step 4b
+            suspects = (list(inputs.rows.select(dropped)) if cfg.suspects == "relabel"
+                        else stripped_suspects(inputs.rows, detectors))
+            if suspects:
+                predicted, relabelling = self._predict(inputs, kept, suspects, train, start, work_dir, observers)
+                returned = (rejected_relabelled(suspects, predicted) if cfg.suspects == "relabel"
+                            else relabelled(suspects, predicted))
+            kept = kept.replace([*kept.examples, *returned],
+                                f"{kept.name} + {len(returned)} given back ({cfg.suspects})")
+            logger.info("auto: gave back %d of the %d dropped rows (%s) with the label the %s relabeller predicts; "
+                        "retraining on %d", len(returned), len(dropped), cfg.suspects, cfg.relabeller, len(kept))
+        given_back = [{"id": e.id, "label": e.label, **({"text": e.text, "text_pair": e.text_pair}
+                                                         if cfg.suspects == "strip" else {})} for e in returned]
         trainings, soup, shares = self._retrain(inputs, kept, train, start, work_dir, observers,
                                                 {"dropped": dropped, "returned": given_back})
         training = trainings[0]
@@ -199,7 +234,8 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
                   "choices": {"detectors": cfg.detectors, "drop_rule": cfg.drop, "n_dropped": len(dropped),
                               "share_dropped": len(dropped) / len(inputs.rows), "label_shares": shares,
                               "suspects": cfg.suspects, "n_returned": len(returned), "relabeller": relabelling,
-                              "bias_shift": calibration, "soup": soup,
+                              "bias_shift": calibration, "soup": soup, "n_clean_trained": len(added),
+                              "n_clean_selecting": len(inputs.dev),
                               "steps": [{k: v for k, v in s.items() if k != "report"} for s in steps]},
                   "detectors": {s["detector"]: s["report"] for s in steps}, "dropped_ids": dropped,
                   "returned": given_back,
@@ -227,21 +263,19 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         soup = self._soup(inputs, members, trainings) if cfg.soup > 1 else None
         return trainings, soup, shares
 
-    def _relabel(self, inputs: TrainInputs, kept: Dataset, suspects: Dataset, train: TrainConfig,
+    def _predict(self, inputs: TrainInputs, kept: Dataset, suspects: list[Example], train: TrainConfig,
                  start: dict[str, torch.Tensor], work_dir: Path | None, observers: list[Callback],
-                 ) -> tuple[list[Example], dict[str, float] | None]:
-        """Step 4b: the dropped rows whose label the relabeller rejects, with its label; the clean
-        relabeller's record (None for the retrained one)."""
+                 ) -> tuple[list[int], dict[str, float] | None]:
+        """Step 4b: the relabeller's labels for ``suspects``; the clean relabeller's record (None for the
+        retrained one)."""
         if self.config.relabeller == "clean":
             restore_state(inputs.model.model, start)
-            predicted, record = clean_predictions(inputs.model, inputs.dev, suspects)
-            return rejected_relabelled(suspects, predicted), record
+            return clean_predictions(inputs.model, inputs.dev, suspects)
         self._retrain(inputs, kept, train, start, None if work_dir is None else work_dir / "relabel-pass",
-                      observers, {"pass": "relabel", "dropped": suspects.ids})
+                      observers, {"pass": "relabel", "suspects": [e.id for e in suspects]})
         if self.config.shift_bias == "dev":  # the model suspects=drop returns
             calibrate_to_dev(inputs.model, inputs.dev)
-        predicted = predict_logits(inputs.model, suspects.examples).argmax(1).tolist()
-        return rejected_relabelled(suspects, predicted), None
+        return predict_logits(inputs.model, suspects).argmax(1).tolist(), None
 
     @staticmethod
     def _soup(inputs: TrainInputs, members: list[dict[str, torch.Tensor]],
@@ -255,7 +289,7 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         return {"members": len(members), "member_dev_accuracy": [t.best_dev_accuracy for t in trainings],
                 "member_epoch": [t.best_epoch for t in trainings], "dev_accuracy": accuracy}
 
-    def _drop(self, name: str, rows: Dataset, inputs: TrainInputs) -> tuple[list[str], dict[str, Any]]:
+    def _drop(self, name: str, rows: Dataset, inputs: TrainInputs) -> tuple[list[str], dict[str, Any], Detector]:
         """One detector's scores over ``rows`` and the ids its cut drops (steps 1 and 2)."""
         cfg = self.config
         detector = build_detector(name, cfg.detector_params.get(name, {}))
@@ -273,7 +307,7 @@ class AutoTrain(TrainDefense[AutoTrainConfig]):
         logger.info("auto: %s scored %d rows; dropping %d (%s%s)", name, len(rows), k, rule_used,
                     "" if cut is None else f", cut at score {cut:.4g}")
         return ids, {"detector": name, "rows_scored": len(rows), "drop_rule": rule_used, "n_dropped": k,
-                     "score_at_cut": cut, "report": detection.report}
+                     "score_at_cut": cut, "report": detection.report}, detector
 
 
 def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, dict[int, float]]]:
@@ -289,16 +323,42 @@ def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, d
     return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
 
 
-def rejected_relabelled(rows: Dataset, predicted: list[int]) -> list[Example]:
+def with_clean_rows(inputs: TrainInputs, share: float, seed: int) -> tuple[TrainInputs, list[Example]]:
+    """Step 3a: ``share`` of the clean dev set (stratified, seeded) as training rows, their ids marked so none
+    clashes with a training row's; and the inputs with the rest as their dev set."""
+    fit, select = holdout_split(inputs.dev, 1 - share, seed)
+    logger.info("auto: training on %d clean rows as well; %d select", len(fit), len(select))
+    return dataclasses.replace(inputs, dev=select), [dataclasses.replace(e, id=f"clean:{e.id}") for e in fit]
+
+
+def rejected_relabelled(rows: list[Example], predicted: list[int]) -> list[Example]:
     """The rows whose label is not the one predicted for them, each with the predicted label (step 4b)."""
-    return [dataclasses.replace(e, label=int(y)) for e, y in zip(rows.examples, predicted, strict=True) if y != e.label]
+    return [new for old, new in zip(rows, relabelled(rows, predicted), strict=True) if new.label != old.label]
 
 
-def clean_predictions(clf: Classifier, dev: Dataset, rows: Dataset) -> tuple[list[int], dict[str, float]]:
+def relabelled(rows: list[Example], predicted: list[int]) -> list[Example]:
+    """Every row with the label predicted for it (step 4b, ``suspects=strip``)."""
+    return [dataclasses.replace(e, label=int(y)) for e, y in zip(rows, predicted, strict=True)]
+
+
+def stripped_suspects(rows: Dataset, detectors: list[tuple[Detector, list[str]]]) -> list[Example]:
+    """``suspects=strip``: the dropped rows a detector that names its trigger as text could clean, cleaned
+    (:meth:`~unbackdoor.detect.base.Detector.strip`); rows dropped by the other detectors stay out."""
+    out: list[Example] = []
+    for detector, ids in detectors:
+        if detector.strips and ids:
+            cleaned = detector.strip(list(rows.select(ids)))
+            out += [e for e in cleaned if e is not None]
+            logger.info("auto: %s could strip its trigger from %d of the %d rows it dropped", detector.name,
+                        sum(e is not None for e in cleaned), len(ids))
+    return out
+
+
+def clean_predictions(clf: Classifier, dev: Dataset, rows: list[Example]) -> tuple[list[int], dict[str, float]]:
     """``relabeller=clean``: labels for ``rows`` from a logistic regression on ``clf``'s frozen sentence
     features (mean pooling) of the clean ``dev`` rows, its L2 penalty chosen by 5-fold accuracy on them; and
     the penalty and accuracy, for the record."""
-    dev_x, rows_x = representations(clf, dev.examples, "mean"), representations(clf, rows.examples, "mean")
+    dev_x, rows_x = representations(clf, dev.examples, "mean"), representations(clf, rows, "mean")
     dev_x, rows_x = standardise(dev_x, rows_x)
     weight, bias, l2, accuracy = clean_classifier(dev_x, torch.tensor(dev.labels), dev.num_labels, RELABEL_L2)
     logger.info("auto: clean relabeller on %d dev rows: L2 %g, 5-fold accuracy %.4f", len(dev), l2, accuracy)
