@@ -1,6 +1,6 @@
 """The never-poisoned model trained on the clean rows a train defence with ``clean_rows`` adds: the victim recipe on
-a bench run's clean training rows plus the same share of the clean dev set (the same stratified, seeded split as
-``train --defense auto`` with ``clean_rows``), the epoch chosen on the rest. Its "ASR" on each attack's triggered
+a bench run's clean training rows plus the same share of the clean dev set (auto's own split,
+``unbackdoor.train_defenses.auto.clean_split``), the epoch chosen on the rest. Its "ASR" on each attack's triggered
 test set is the floor for a model that also learnt from those clean rows (the bench's floor model did not), so a
 reader can tell a removed backdoor from a better classifier. Prints Markdown: per seed and attack, this model's
 CACC / ASR and the bench floor's.
@@ -13,7 +13,6 @@ About one victim training per seed (bf16 where the bench ran in it); nothing is 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
@@ -33,8 +32,9 @@ def main() -> None:
     from unbackdoor.bench.store import Store
     from unbackdoor.data import load_poisoned_task
     from unbackdoor.data.io import load_any
-    from unbackdoor.data.sampling import holdout_split, subsample_task
+    from unbackdoor.data.sampling import subsample_task
     from unbackdoor.evaluate import evaluate_classifier
+    from unbackdoor.train_defenses.auto import clean_split
     from unbackdoor.train_defenses.finetune import load_for_training
     from unbackdoor.training.config import TrainConfig
     from unbackdoor.training.loop import train_classifier
@@ -47,9 +47,8 @@ def main() -> None:
     for floor in (c for c in cells if c["kind"] == "floor-model" and c["seed"] in seeds):
         config, seed = floor["config"], floor["seed"]
         task = subsample_task(load_any(config["dataset"]["spec"]), config["max_train"], seed)
-        fit, select = holdout_split(task.dev, 1 - args.share, seed)
-        rows = task.train.replace([*task.train.examples, *(dataclasses.replace(e, id=f"clean:{e.id}") for e in fit)],
-                                  f"{task.train.name} + {len(fit)} clean dev rows")
+        added, select = clean_split(task.dev, args.share, seed)
+        rows = task.train.replace([*task.train.examples, *added], f"{task.train.name} + {len(added)} clean dev rows")
         train = TrainConfig(**{**config["train"], "seed": seed, "progress": False})
         clf = load_for_training(config["model"], rows, train, max_length=config["max_length"],
                                 precision=config.get("precision", "auto"))

@@ -199,8 +199,7 @@ class ZScoreDetector(Detector[ZScoreConfig]):
         clean = row_scores(standard, clean_rows, inputs.clean.labels)
         threshold, top_tie = calibrated_threshold(clean, standard, cfg.clean_quantile, cfg.top_tie == "drop")
         top = sorted(standard.items(), key=lambda kv: -kv[1])[:cfg.report_features]
-        self.outliers_ = outlier_features(standard, threshold, clean_rows, cfg.strip_clean_share,
-                                          {k: v >= cfg.strip_min_z for k, v in z.items()})
+        self.outliers_ = outlier_features(standard, threshold, clean_rows, cfg.strip_clean_share, z, cfg.strip_min_z)
         report = {"n_features": len({f for f, _ in z}), "z_mean": mean, "z_std": std, "bound": cfg.bound,
                   "threshold": threshold, "threshold_at_top_tie": top_tie,
                   "n_rows_over_threshold": int((scores > threshold).sum()),
@@ -224,15 +223,16 @@ class ZScoreDetector(Detector[ZScoreConfig]):
 
 
 def outlier_features(standard: dict[tuple[Feature, int], float], threshold: float, clean: list[set[Feature]],
-                     max_clean_share: float, strong: dict[tuple[Feature, int], bool]) -> Outliers:
+                     max_clean_share: float, z: dict[tuple[Feature, int], float], min_z: float) -> Outliers:
     """The outlying features (standardised z above ``threshold`` with some label) and the removable ones among
-    them: words and word pairs held by at most ``max_clean_share`` of the ``clean`` rows whose tie to that label
-    is ``strong`` (step 5)."""
+    them: words and word pairs held by at most ``max_clean_share`` of the ``clean`` rows whose raw ``z`` is at
+    least ``min_z`` with every label they are outlying with (step 5)."""
     over = {(f, y) for (f, y), s in standard.items() if float(np.float32(s)) > threshold}  # compared as rows score
     outlying = frozenset(f for f, _ in over)
+    weak = {f for f, y in over if z[(f, y)] < min_z}
     held = Counter(f for feats in clean for f in feats if f in outlying)
-    removable = frozenset(f for f, y in over if f[0] in ("w", "b") and held[f] <= max_clean_share * len(clean)
-                          and strong[(f, y)]) - {f for f, y in over if not strong[(f, y)]}
+    removable = frozenset(f for f in outlying if f[0] in ("w", "b") and f not in weak
+                          and held[f] <= max_clean_share * len(clean))
     return Outliers(outlying, removable)
 
 

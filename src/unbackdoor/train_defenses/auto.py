@@ -323,12 +323,19 @@ def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, d
     return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
 
 
+def clean_split(dev: Dataset, share: float, seed: int) -> tuple[list[Example], Dataset]:
+    """Step 3a's split: ``share`` of the clean ``dev`` set (stratified, seeded) as training rows, their ids marked
+    so none clashes with a training row's, and the rest, which selects (``benchmarks/floor_clean_rows.py``
+    trains its reference on the same split)."""
+    fit, select = holdout_split(dev, 1 - share, seed)
+    return [dataclasses.replace(e, id=f"clean:{e.id}") for e in fit], select
+
+
 def with_clean_rows(inputs: TrainInputs, share: float, seed: int) -> tuple[TrainInputs, list[Example]]:
-    """Step 3a: ``share`` of the clean dev set (stratified, seeded) as training rows, their ids marked so none
-    clashes with a training row's; and the inputs with the rest as their dev set."""
-    fit, select = holdout_split(inputs.dev, 1 - share, seed)
-    logger.info("auto: training on %d clean rows as well; %d select", len(fit), len(select))
-    return dataclasses.replace(inputs, dev=select), [dataclasses.replace(e, id=f"clean:{e.id}") for e in fit]
+    """Step 3a: the clean rows trained on (:func:`clean_split`), and the inputs with the rest as their dev set."""
+    added, select = clean_split(inputs.dev, share, seed)
+    logger.info("auto: training on %d clean rows as well; %d select", len(added), len(select))
+    return dataclasses.replace(inputs, dev=select), added
 
 
 def rejected_relabelled(rows: list[Example], predicted: list[int]) -> list[Example]:
