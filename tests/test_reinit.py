@@ -12,7 +12,8 @@ from transformers import AutoModelForSequenceClassification
 
 from unbackdoor.attacks import BadNets
 from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyInputs
-from unbackdoor.purify.reinit import Reinit, ReinitConfig, reinitialise, scope_parameters, search_top_k
+from unbackdoor.models.surgery import reinitialise, scope_parameters
+from unbackdoor.purify.reinit import Reinit, ReinitConfig, search_top_k
 from unbackdoor.errors import ConfigError, ModelError
 from unbackdoor.evaluate import evaluate_classifier
 from unbackdoor.models import load_classifier

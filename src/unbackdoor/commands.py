@@ -238,7 +238,7 @@ class PurifyCommand(CommandConfig):
     clean_set: CleanSetConfig = Field(default_factory=CleanSetConfig)
     base: str | None = Field(None, description="the suspect's clean pre-trained base")
     method: str = Field("finetune", description="purify method: auto, finetune, e-pur, fine-mixing, fine-purifying, "
-                        "fine-pruning, reinit, tsbd")
+                        "fine-pruning, reinit, distill, tsbd")
     params: dict[str, Any] = Field(default_factory=dict, description="method parameters")
     epur: bool = Field(False, description="reset E-PUR's suspicious embedding rows first (needs base)")
     epur_params: dict[str, Any] = Field(default_factory=dict, description="E-PUR options for --epur "

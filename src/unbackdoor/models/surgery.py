@@ -1,5 +1,5 @@
 """Parameter surgery every weight-level method shares: which group a parameter belongs to, the
-block it sits in, seeded re-initialisation, state snapshots, suspect/base alignment, seeded masks
+block it sits in, seeded re-initialisation, resets of a scope to the base (``reinit``, ``distill``), state snapshots, suspect/base alignment, seeded masks
 and the fingerprint that names a run's checkpoint folder.
 
 One home for each, so that two methods asked for "a fresh head with seed 3" get the same head, and
@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from fractions import Fraction
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-from unbackdoor.errors import ModelError
-from unbackdoor.models.loading import Classifier
+from unbackdoor.errors import ConfigError, ModelError
+from unbackdoor.models.loading import Classifier, check_same_architecture
+
+logger = logging.getLogger(__name__)
 
 HEAD = "head"
 GROUPS = ("embeddings", "layernorm", "encoder", "pooler")  # every backbone group; the head is apart
@@ -182,6 +186,84 @@ def keep_mask_from_priorities(priorities: torch.Tensor, rho: float) -> torch.Ten
     if k:
         keep[torch.argsort(flat, stable=True)[:k]] = True
     return keep.reshape(priorities.shape)
+
+
+# ----------------------------------------------------------------------------- resets to the base or random
+def num_blocks(model: Any) -> int:
+    """The number of transformer blocks (from parameter names)."""
+    indices = [i for i in (layer_index(n) for n, _ in model.named_parameters()) if i is not None]
+    if not indices:
+        raise ModelError(f"{type(model).__name__}: no numbered transformer blocks found")
+    return max(indices) + 1
+
+
+def scope_parameters(model: Any, scope: str, top_k: int = 1) -> list[str]:
+    """Names of the parameters a scope resets, in model order.
+
+    ``head``: head + pooler. ``top_k``: blocks ≥ L − k, every parameter after the last block
+    (pooler, final norm) and the head. ``all``: every parameter.
+    """
+    names = [n for n, _ in model.named_parameters()]
+    if scope == "all":
+        return names
+    groups = parameter_groups(model)
+    if scope == "head":
+        return [n for n in names if groups[n] in (HEAD, "pooler")]
+    if scope != "top_k":
+        raise ConfigError(f"unknown reinit scope {scope!r}")
+    n_blocks = num_blocks(model)
+    if top_k > n_blocks:
+        raise ConfigError(f"top_k={top_k} but the model has {n_blocks} blocks")
+    last_block_pos = max(i for i, n in enumerate(names) if layer_index(n) is not None)
+    chosen = []
+    for pos, name in enumerate(names):
+        idx = layer_index(name)
+        if (idx is not None and idx >= n_blocks - top_k) or pos > last_block_pos or groups[name] == HEAD:
+            chosen.append(name)
+    return chosen
+
+
+@dataclass
+class ResetReport:
+    """What :func:`reinitialise` did."""
+
+    scope: str
+    source: str
+    top_k: int | None
+    n_from_base: int
+    n_random: int
+    random_names: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def reinitialise(suspect: Classifier, base: Classifier | None, scope: str, source: str, *, top_k: int = 1,
+                 seed: int = 0) -> ResetReport:
+    """Reset ``suspect``'s parameters in ``scope`` in place: to ``base`` (``pretrained``) or random.
+
+    The head, and any tensor the base lacks, is always re-initialised (seeded, model's initialiser).
+    """
+    names = scope_parameters(suspect.model, scope, top_k)
+    from_base: dict[str, Any] = {}
+    if source == "pretrained":
+        if base is None:
+            raise TypeError("source=pretrained needs the clean base model")
+        check_same_architecture(suspect, base)
+        groups = parameter_groups(suspect.model)
+        aligned = {name: (param, ref) for name, param, ref in aligned_parameters(suspect, base)}
+        from_base = {n: aligned[n] for n in names if n in aligned and groups[n] != HEAD}
+    elif source != "random":
+        raise ConfigError(f"unknown reinit source {source!r}")
+    for param, ref in from_base.values():
+        param.data.copy_(ref.to(param.dtype))
+    random_names = [n for n in names if n not in from_base]
+    reinitialise_parameters(suspect.model, random_names, seed)
+    report = ResetReport(scope, source, top_k if scope == "top_k" else None, len(from_base), len(random_names),
+                         random_names)
+    logger.info("reinit %s from %s: %d tensors from the base, %d re-initialised", scope, source,
+                report.n_from_base, report.n_random)
+    return report
 
 
 # ----------------------------------------------------------------------------- states and run folders

@@ -2,11 +2,12 @@
 
 from unbackdoor.training.callbacks import Callback, FixedWeights, TrainContext, TrainState
 from unbackdoor.training.config import TrainConfig, victim_train_config
-from unbackdoor.training.loop import TrainResult, evaluate_accuracy, make_accelerator, train_classifier
+from unbackdoor.training.loop import SoftTargets, TrainResult, evaluate_accuracy, make_accelerator, train_classifier
 
 __all__ = [
     "Callback",
     "FixedWeights",
+    "SoftTargets",
     "TrainConfig",
     "TrainContext",
     "TrainResult",

@@ -238,10 +238,51 @@ def _check_sample_weights(weights: Sequence[float] | None, n_rows: int) -> torch
     return w
 
 
-def _weighted_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of weight × cross-entropy."""
-    per_row = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-    return (weights.to(per_row.device) * per_row).mean()
+@dataclass(frozen=True)
+class SoftTargets:
+    """Knowledge-distillation targets for :func:`train_classifier`: one row of a teacher's
+    probabilities at ``temperature`` per training row.
+
+    A row's task loss becomes (1 − ``weight``) · CE(label) + ``weight`` · T² · KL(probs ‖ softmax(z / T))
+    (Hinton et al., 2015: the T² keeps the soft term's gradient scale as T changes).
+    """
+
+    probs: torch.Tensor  # (n_rows, num_labels), rows sum to 1
+    weight: float
+    temperature: float
+
+    def __post_init__(self) -> None:
+        if self.probs.dim() != 2 or not torch.allclose(self.probs.sum(1), torch.ones(len(self.probs)), atol=1e-4):
+            raise ConfigError("soft targets must be one probability row per training row")
+        if not 0 <= self.weight <= 1 or self.temperature <= 0:
+            raise ConfigError("soft targets: weight in [0, 1] and temperature > 0")
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.probs.float().numpy().tobytes()).hexdigest() + f"/{self.weight}/{self.temperature}"
+
+
+def _row_losses(logits: torch.Tensor, labels: torch.Tensor, soft: SoftTargets | None,
+                rows: Sequence[int]) -> torch.Tensor:
+    """Each row's task loss: cross-entropy, mixed with the distillation term when ``soft`` is given."""
+    logits = logits.float()
+    per_row = torch.nn.functional.cross_entropy(logits, labels, reduction="none")
+    if soft is None:
+        return per_row
+    t = soft.temperature
+    target = soft.probs[list(rows)].to(logits.device)
+    kd = torch.nn.functional.kl_div(torch.log_softmax(logits / t, dim=-1), target, reduction="none").sum(-1)
+    return (1 - soft.weight) * per_row + soft.weight * t * t * kd
+
+
+def _task_loss(outputs: Any, labels: torch.Tensor, rows: Sequence[int], weights: torch.Tensor | None,
+               soft: SoftTargets | None) -> torch.Tensor:
+    """The batch's task loss: the model's own (mean cross-entropy), or the mean of weight × row loss."""
+    if weights is None and soft is None:
+        return outputs.loss
+    per_row = _row_losses(outputs.logits, labels, soft, rows)
+    if weights is not None:
+        per_row = weights[list(rows)].to(per_row.device) * per_row
+    return per_row.mean()
 
 
 def _improves(score: float, best: float | None, ties: str) -> bool:
@@ -259,11 +300,13 @@ def train_classifier(
     accelerator: Accelerator | None = None,
     fingerprint: Any = None,
     sample_weights: Sequence[float] | None = None,
+    soft_targets: SoftTargets | None = None,
 ) -> TrainResult:
     """Fine-tune ``clf`` in place on ``data``; select the epoch on clean ``dev`` accuracy.
 
     ``sample_weights`` (one ≥ 0 per row of ``data``): the task loss of a batch becomes the mean of
     weight × cross-entropy over its rows (the caller chooses the scale, e.g. mean weight 1).
+    ``soft_targets``: a teacher's probabilities per row, mixed into each row's loss (:class:`SoftTargets`).
 
     With ``work_dir``, checkpoints are written there and a rerun with the same arguments resumes
     from the latest one. ``fingerprint`` (JSON-able: a defence's config, its reference rows) is part
@@ -273,6 +316,11 @@ def train_classifier(
     weights = _check_sample_weights(sample_weights, len(data))
     if weights is not None:
         fingerprint = [fingerprint, hashlib.sha256(weights.numpy().tobytes()).hexdigest()]
+    if soft_targets is not None:
+        if len(soft_targets.probs) != len(data) or soft_targets.probs.shape[1] != data.num_labels:
+            raise ConfigError(f"soft targets: {tuple(soft_targets.probs.shape)} for {len(data)} rows of "
+                              f"{data.num_labels} labels")
+        fingerprint = [fingerprint, soft_targets.digest()]
     if dev is not None:
         require_clean_dataset(dev, "selection (dev) data")
         if dev.is_pair != data.is_pair:
@@ -318,7 +366,7 @@ def train_classifier(
             is_sync = (b_idx + 1) % config.gradient_accumulation_steps == 0 or b_idx + 1 == len(batches)
             with (nullcontext() if is_sync else acc.no_sync(wrapped)), compute_region(clf.precision, config, acc):
                 outputs = wrapped(**batch)
-                loss = outputs.loss if weights is None else _weighted_loss(outputs.logits, batch["labels"], weights[rows])
+                loss = _task_loss(outputs, batch["labels"], rows, weights, soft_targets)
                 task_loss = loss
                 for cb in callbacks:
                     loss = cb.extra_loss(ctx, batch, outputs, loss)
