@@ -72,7 +72,7 @@ class DistillConfig(StrictConfig):
     views: int = Field(8, ge=0, description="recombined rows per fitting row in the transfer set (0: the clean rows only)")
     splice: float = Field(0.5, ge=0, le=1, description="probability that a recombined row joins two rows' halves")
     word_drop: float = Field(0.15, ge=0, lt=1, description="probability that a recombined row loses each word")
-    substitute: float = Field(0.0, ge=0, le=1, description="probability that a recombined row's word becomes one of "
+    substitute: float = Field(0.3, ge=0, le=1, description="probability that a recombined row's word becomes one of "
                               "its nearest whole words in the clean base's embedding space")
     neighbours: int = Field(10, ge=1, description="how many nearest words a substitute is drawn from")
     temperature: float = Field(2.0, gt=0, description="T of the teacher's and student's softmax in the soft term")
