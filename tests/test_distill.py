@@ -83,5 +83,5 @@ def test_distill_removes_the_planted_backdoor_and_beats_reinit(planted) -> None:
     # the teacher adds what 32 fitting labels alone do not give (measured: 0.925 vs 0.845)
     assert after.cacc >= 0.9 and after.cacc >= alone.cacc + 0.04, (after.cacc, alone.cacc)
     report = result.report
-    assert report["n_fit"] + report["n_selection"] == 40 and report["n_views"] == 8 * report["n_fit"]
+    assert report["n_fit"] + report["n_selection"] == 40 and report["n_views"] == 24 * report["n_fit"]
     assert report["teacher_fit_agreement"] >= 0.9 and report["reset"]["scope"] == "all"

@@ -69,7 +69,7 @@ def distill_train_config() -> TrainConfig:
 class DistillConfig(StrictConfig):
     """Distillation into the clean base. Every choice is ours [OURS], set on the development grid."""
 
-    views: int = Field(8, ge=0, description="recombined rows per fitting row in the transfer set (0: the clean rows only)")
+    views: int = Field(24, ge=0, description="recombined rows per fitting row in the transfer set (0: the clean rows only)")
     splice: float = Field(0.5, ge=0, le=1, description="probability that a recombined row joins two rows' halves")
     word_drop: float = Field(0.15, ge=0, lt=1, description="probability that a recombined row loses each word")
     substitute: float = Field(0.3, ge=0, le=1, description="probability that a recombined row's word becomes one of "
