@@ -126,6 +126,16 @@ def recombined_views(rows: Sequence[Example], views: int, *, splice: float, word
     return out
 
 
+def transfer_views(fit: Dataset, base: Any, cfg: DistillConfig) -> list[Example]:
+    """Step 2: the recombined rows, their substitutes drawn from the clean ``base``'s word neighbours."""
+    table: dict[str, list[str]] = {}
+    if cfg.substitute and cfg.views:
+        table = word_neighbours(base, (w for e in fit for w in e.text.split()), cfg.neighbours)
+    return recombined_views(fit.examples, cfg.views, splice=cfg.splice, word_drop=cfg.word_drop, seed=cfg.seed,
+                            substitute=cfg.substitute, neighbours=table,
+                            lower=bool(getattr(base.tokenizer, "do_lower_case", False)))
+
+
 def teacher_targets(teacher: Any, transfer: Dataset, n_real: int, cfg: DistillConfig) -> tuple[Dataset, SoftTargets]:
     """Step 3: the teacher's tempered probabilities on every transfer row; the recombined rows (after
     the first ``n_real``) take the teacher's argmax as their hard label."""
@@ -147,12 +157,7 @@ class Distill(PurifyDefense[DistillConfig]):
     def _purify(self, inputs: PurifyInputs, work_dir: Path | None) -> PurifyResult:
         cfg, clf = self.config, inputs.suspect
         fit, held_out = holdout_split(inputs.clean, cfg.holdout_fraction, cfg.seed)  # step 1
-        table = {}
-        if cfg.substitute and cfg.views:
-            table = word_neighbours(inputs.base, (w for e in fit for w in e.text.split()), cfg.neighbours)
-        views = recombined_views(fit.examples, cfg.views, splice=cfg.splice, word_drop=cfg.word_drop, seed=cfg.seed,
-                                 substitute=cfg.substitute, neighbours=table,
-                                 lower=bool(getattr(inputs.base.tokenizer, "do_lower_case", False)))  # step 2
+        views = transfer_views(fit, inputs.base, cfg)  # step 2
         transfer, soft = teacher_targets(clf, fit.replace([*fit.examples, *views], f"{fit.name}+views"),
                                          len(fit), cfg)  # step 3
         teacher_agreement = float(sum(e.label == int(p.argmax()) for e, p in zip(fit, soft.probs)) / len(fit))
