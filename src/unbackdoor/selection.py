@@ -30,7 +30,7 @@ from unbackdoor.data.types import Dataset
 from unbackdoor.models.loading import Classifier
 from unbackdoor.training.callbacks import Callback
 from unbackdoor.training.config import TrainConfig
-from unbackdoor.training.loop import train_classifier
+from unbackdoor.training.loop import TrainResult, train_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,14 @@ def finetune_with_selection(
     """
     fit, held_out = holdout_split(clean, holdout_fraction, seed)
     result = train_classifier(clf, fit, config, dev=held_out, callbacks=callbacks, work_dir=work_dir)
+    return selection_report(len(fit), held_out, result)
+
+
+def selection_report(n_fit: int, held_out: Dataset, result: TrainResult) -> dict[str, Any]:
+    """What a training with the epoch chosen on ``held_out`` reports: split sizes, the chosen epoch, its
+    held-out accuracy and the training record."""
     return {
-        "n_fit": len(fit),
+        "n_fit": n_fit,
         "n_selection": len(held_out),
         "selected_epoch": result.best_epoch,
         "selection_accuracy": result.best_dev_accuracy,

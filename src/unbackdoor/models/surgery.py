@@ -1,6 +1,7 @@
 """Parameter surgery every weight-level method shares: which group a parameter belongs to, the
-block it sits in, seeded re-initialisation, resets of a scope to the base (``reinit``, ``distill``), state snapshots, suspect/base alignment, seeded masks
-and the fingerprint that names a run's checkpoint folder.
+block it sits in, seeded re-initialisation, resets of a scope to the base (``reinit``, ``distill``),
+state snapshots, suspect/base alignment, seeded masks and the fingerprint that names a run's
+checkpoint folder.
 
 One home for each, so that two methods asked for "a fresh head with seed 3" get the same head, and
 "the same RNG fork" means the same thing everywhere. Methods import from here, never from each
@@ -16,8 +17,8 @@ import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from fractions import Fraction
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 from typing import Any
 
 import torch

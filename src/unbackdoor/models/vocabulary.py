@@ -24,7 +24,7 @@ def candidate_tokens(clf: Classifier, min_length: int = 3) -> dict[str, int]:
 def word_neighbours(clf: Classifier, words: Iterable[str], k: int, min_length: int = 3) -> dict[str, list[str]]:
     """For each word that is itself a candidate token (looked up lower-cased for an uncased tokenizer), its
     ``k`` nearest other candidates by cosine of ``clf``'s input embeddings, nearest first."""
-    lower = bool(getattr(clf.tokenizer, "do_lower_case", False))
+    lower = clf.input_format()["lowercase"]
     pool = candidate_tokens(clf, min_length)
     queries = sorted({w.lower() if lower else w for w in words} & pool.keys())
     if not queries or len(pool) < 2:

@@ -52,6 +52,7 @@ from unbackdoor.inference import predict_logits
 from unbackdoor.models.surgery import config_fingerprint, reinitialise
 from unbackdoor.models.vocabulary import word_neighbours
 from unbackdoor.purify.base import PURIFY_DEFENSES, PurifyDefense, PurifyInputs, PurifyResult
+from unbackdoor.selection import selection_report
 from unbackdoor.training.config import CLEAN_FT_LEARNING_RATE, TrainConfig
 from unbackdoor.training.loop import SoftTargets, train_classifier
 
@@ -69,7 +70,8 @@ def distill_train_config() -> TrainConfig:
 class DistillConfig(StrictConfig):
     """Distillation into the clean base. Every choice is ours [OURS], set on the development grid."""
 
-    views: int = Field(24, ge=0, description="recombined rows per fitting row in the transfer set (0: the clean rows only)")
+    views: int = Field(24, ge=0, description="recombined rows per fitting row in the transfer set (0: the clean "
+                       "rows only)")
     splice: float = Field(0.5, ge=0, le=1, description="probability that a recombined row joins two rows' halves")
     word_drop: float = Field(0.15, ge=0, lt=1, description="probability that a recombined row loses each word")
     substitute: float = Field(0.3, ge=0, le=1, description="probability that a recombined row's word becomes one of "
@@ -133,7 +135,7 @@ def transfer_views(fit: Dataset, base: Any, cfg: DistillConfig) -> list[Example]
         table = word_neighbours(base, (w for e in fit for w in e.text.split()), cfg.neighbours)
     return recombined_views(fit.examples, cfg.views, splice=cfg.splice, word_drop=cfg.word_drop, seed=cfg.seed,
                             substitute=cfg.substitute, neighbours=table,
-                            lower=bool(getattr(base.tokenizer, "do_lower_case", False)))
+                            lower=base.input_format()["lowercase"])
 
 
 def teacher_targets(teacher: Any, transfer: Dataset, n_real: int, cfg: DistillConfig) -> tuple[Dataset, SoftTargets]:
@@ -168,9 +170,7 @@ class Distill(PurifyDefense[DistillConfig]):
         logger.info("distill: %d transfer rows (%d clean, %d recombined); teacher agrees with %.3f of the clean "
                     "labels; student's held-out accuracy %.4f", len(transfer), len(fit), len(views),
                     teacher_agreement, result.best_dev_accuracy or 0.0)
-        report: dict[str, Any] = {
-            "method": self.name, "n_fit": len(fit), "n_selection": len(held_out), "n_views": len(views),
-            "teacher_fit_agreement": teacher_agreement, "reset": reset.to_dict(),
-            "selected_epoch": result.best_epoch, "selection_accuracy": result.best_dev_accuracy,
-            "training": result.to_dict()}
+        report: dict[str, Any] = {"method": self.name, "n_views": len(views),
+                                  "teacher_fit_agreement": teacher_agreement, "reset": reset.to_dict(),
+                                  **selection_report(len(fit), held_out, result)}
         return PurifyResult(clf, report)
