@@ -11,12 +11,13 @@ train-time defences built on these detectors live in :mod:`unbackdoor.train_defe
   :mod:`.isolation` (ABL's early-loss isolation: lowest loss under local gradient ascent);
 * :mod:`.zscore`: Z-defence's lexical filter (features whose label share is an extreme outlier; no model);
 * :mod:`.contrast`: rows a classifier tells apart from the clean set, cut by an empirical-null FDR (no task model);
+* :mod:`.reference`: rows whose label a classifier trained on the clean set alone rejects;
 * :mod:`.lexical`, :mod:`.null`: the lexical row features both use; the empirical-null FDR cut;
 * :mod:`.metrics`: precision / recall / AUROC against the true flags (evaluation only);
 * :mod:`.output`: the ``detect`` command's files (the command: :func:`unbackdoor.commands.run_detect`).
 
 Importing this package registers the ``reweight``, ``loss``, ``bki``, ``cube``, ``isolation``,
-``zscore`` and ``contrast`` detectors.
+``zscore``, ``contrast`` and ``reference`` detectors.
 """
 
 from unbackdoor.detect.base import DETECTORS, Detection, DetectInputs, Detector, FlagRule, Scores, flag_indices
@@ -27,6 +28,7 @@ from unbackdoor.detect.features import FeatureData, feature_data, sentence_featu
 from unbackdoor.detect.isolation import IsolationConfig, IsolationDetector, LocalGradientAscent, isolate
 from unbackdoor.detect.loss import LossConfig, LossDetector
 from unbackdoor.detect.metrics import auroc, detection_metrics, scores_file_metrics
+from unbackdoor.detect.reference import ReferenceConfig, ReferenceDetector
 from unbackdoor.detect.reweight import ReweightConfig, ReweightDetector, build_levels, learn_weights
 from unbackdoor.detect.zscore import ZScoreConfig, ZScoreDetector
 
@@ -48,6 +50,8 @@ __all__ = [
     "LocalGradientAscent",
     "LossConfig",
     "LossDetector",
+    "ReferenceConfig",
+    "ReferenceDetector",
     "ReweightConfig",
     "ReweightDetector",
     "Scores",
