@@ -103,6 +103,21 @@ def test_train_auto_drops_the_flagged_group_and_trains_without_the_backdoor(plan
     assert result.report["n_trained"] == 400 - len(dropped) + result.report["choices"]["n_clean_trained"]
 
 
+def test_train_auto_reference_drops_the_rows_whose_label_the_clean_reference_rejects(  # noqa: ANN001
+        planted, sentiment_base) -> None:
+    """The ``reference`` detector's threshold (0: the reference labels the row otherwise) is the calibrated cut
+    train auto uses: the dirty-label rows go, few clean ones with them, and the retrained model is clean."""
+    config = AutoTrainConfig(detectors=["reference"], detector_params={"reference": {"model": "frozen"}},
+                             train={**FAST, "epochs": 10, "seed": 1})
+    result = AutoTrain(config).fit(TrainInputs(load_classifier(sentiment_base), planted.poisoned.train, planted.task.dev))
+    step = result.report["choices"]["steps"][0]
+    assert step["drop_rule"] == "calibrated" and step["score_at_cut"] == 0.0
+    dropped, poisoned = set(result.report["dropped_ids"]), planted.poisoned.flags.poisoned_ids
+    assert len(dropped & poisoned) >= 0.9 * len(poisoned) and len(dropped) <= 1.5 * len(poisoned), len(dropped)
+    after = evaluate_classifier(result.model, planted.task.test, planted.poisoned.triggered_test)
+    assert after.asr <= 0.2 and after.cacc >= 0.9, after
+
+
 def test_train_auto_default_runs_its_detectors_in_turn(planted, sentiment_base) -> None:  # noqa: ANN001
     """The default composition: Z-defence's word statistics drop the BadNets rows, then the contrast and
     isolation score only the rows left, in turn; the model retrained on the rest is clean."""

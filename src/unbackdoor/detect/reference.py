@@ -20,6 +20,12 @@ only on the clean set, such a row reads as its original label, so the label it c
    (docs/results/auto.md: an FDR cut on a cross-fitted reference selected nothing even on OLID's AddSent).
    The rule drops them too, as the price of the poisoned rows: about the reference's error rate of
    the clean rows.
+4. **Gate** (``min_accuracy``, off by default [OURS]): the reference is only as good as its accuracy. With
+   ``min_accuracy`` > 0 the fine-tuned reference learns from 80 % of the clean set (stratified, seeded) and
+   is scored on the other 20 % (the frozen one: its 5-fold accuracy); below ``min_accuracy`` it drops
+   nothing (the threshold becomes the highest score). Measured on the development grid
+   (docs/results/reference_dev/): on QNLI, where MiniLM reaches about 70 % from 1,000 rows, the ungated
+   reference dropped 200-250 clean rows per seed after zscore had found every poisoned one.
 
 Cannot see a clean-label attack (its rows' labels fit their text) nor a dirty-label row whose
 triggered text the reference also reads as the target.
@@ -35,6 +41,7 @@ import torch
 from pydantic import Field
 
 from unbackdoor.config import StrictConfig
+from unbackdoor.data.sampling import holdout_split
 from unbackdoor.detect.base import DETECTORS, DetectInputs, Detector, Scores
 from unbackdoor.detect.features import clean_classifier, feature_data
 from unbackdoor.detect.finetuned import TRAIN_DESCRIPTION, fine_tuned_copy
@@ -44,6 +51,7 @@ from unbackdoor.training.config import TrainConfig, merge_train, victim_train_co
 logger = logging.getLogger(__name__)
 
 FROZEN_L2 = (1e-4, 1e-3, 1e-2)  # model=frozen: the penalties tried (standardised features of norm about 1)
+HELD_OUT = 0.2  # min_accuracy > 0, model=finetuned: the share of the clean set held out to measure the reference
 
 
 class ReferenceConfig(StrictConfig):
@@ -54,6 +62,9 @@ class ReferenceConfig(StrictConfig):
         "or a logistic regression on its frozen mean-pooled features")
     margin: float = Field(0.0, ge=0, description="flag rows whose best other label beats the given one by more than "
                           "this (log-probability); 0: every row the reference labels otherwise")
+    min_accuracy: float = Field(0.0, ge=0, le=1, description="gate: drop nothing when the reference's accuracy "
+                                "on held-out clean rows (finetuned: 20 % held out; frozen: 5-fold) is below this; "
+                                "0: no gate (the finetuned reference then learns from every clean row)")
     train: TrainConfig | None = Field(None, description=f"model=finetuned: the {TRAIN_DESCRIPTION}")
     feature_batch_size: int = Field(64, ge=1, description="model=frozen: rows per forward pass")
 
@@ -69,12 +80,20 @@ def rejection_scores(log_probs: torch.Tensor, labels: torch.Tensor) -> torch.Ten
 
 
 def _finetuned_log_probs(inputs: DetectInputs, cfg: ReferenceConfig) -> tuple[torch.Tensor, dict[str, Any]]:
-    clf, result = fine_tuned_copy(inputs.encoder, inputs.clean, cfg.train_config())
+    train = cfg.train_config()
+    fit, held = (holdout_split(inputs.clean, HELD_OUT, train.seed) if cfg.min_accuracy > 0
+                 else (inputs.clean, None))
+    clf, result = fine_tuned_copy(inputs.encoder, fit, train)
     logits = torch.from_numpy(np.asarray(predict_logits(clf, inputs.rows.examples), dtype=np.float32))
-    return torch.log_softmax(logits, dim=1), {
-        "trained": f"copy of {inputs.encoder.source or 'the encoder'} fine-tuned on the {len(inputs.clean)} clean "
-                   "rows (last epoch)",
-        "train": cfg.train_config().model_dump(), "steps": result.steps}
+    record: dict[str, Any] = {
+        "trained": f"copy of {inputs.encoder.source or 'the encoder'} fine-tuned on {len(fit)} of the "
+                   f"{len(inputs.clean)} clean rows (last epoch)",
+        "train": train.model_dump(), "steps": result.steps}
+    if held is not None:
+        predicted = np.asarray(predict_logits(clf, held.examples)).argmax(1)
+        record["held_out_accuracy"] = float((predicted == np.asarray(held.labels)).mean())
+        record["n_held_out"] = len(held)
+    return torch.log_softmax(logits, dim=1), record
 
 
 def _frozen_log_probs(inputs: DetectInputs, cfg: ReferenceConfig) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -83,7 +102,7 @@ def _frozen_log_probs(inputs: DetectInputs, cfg: ReferenceConfig) -> tuple[torch
     return torch.log_softmax(data.x @ weight.T + bias, dim=1), {
         "trained": f"logistic regression on the frozen {inputs.encoder.source or 'encoder'}'s mean-pooled features "
                    f"of the {len(inputs.clean)} clean rows",
-        "l2": l2, "clean_cv_accuracy": accuracy}
+        "l2": l2, "held_out_accuracy": accuracy, "n_held_out": len(inputs.clean)}
 
 
 @DETECTORS.register("reference")
@@ -99,8 +118,11 @@ class ReferenceDetector(Detector[ReferenceConfig]):
         log_probs, record = fit(inputs, cfg)  # step 1
         scores = rejection_scores(log_probs, torch.tensor(inputs.rows.labels))  # step 2
         rejected = int((scores > cfg.margin).sum())
-        logger.info("reference (%s): rejects the label of %d of %d rows (margin %g)", cfg.model, rejected,
-                    len(scores), cfg.margin)
-        report = {**record, "n_clean": len(inputs.clean), "threshold": cfg.margin,  # step 3
+        gated = cfg.min_accuracy > 0 and record["held_out_accuracy"] < cfg.min_accuracy  # step 4
+        threshold = float(scores.max()) if gated else cfg.margin  # step 3 (gated: no row above it)
+        logger.info("reference (%s): rejects the label of %d of %d rows (margin %g)%s", cfg.model, rejected,
+                    len(scores), cfg.margin, f"; held-out accuracy {record['held_out_accuracy']:.4f} < "
+                    f"{cfg.min_accuracy}: drops nothing" if gated else "")
+        report = {**record, "n_clean": len(inputs.clean), "threshold": threshold, "gated": gated,
                   "n_rejected": rejected, "share_rejected": rejected / max(1, len(scores))}
         return Scores(scores, report, tiebreak=None)
