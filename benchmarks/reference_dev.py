@@ -22,7 +22,7 @@ def rates(selected: set[str], poisoned: set[str], n_rows: int) -> str:
     hit = len(selected & poisoned)
     clean = n_rows - len(poisoned)
     return (f"{len(selected)}, {hit / max(1, len(poisoned)):.2f} / {hit / max(1, len(selected)):.2f} "
-            f"(clean rows {len(selected) - hit / 1:.0f} = {(len(selected) - hit) / max(1, clean):.2f})")
+            f"(clean rows {len(selected) - hit} = {(len(selected) - hit) / max(1, clean):.2f})")
 
 
 def main() -> None:

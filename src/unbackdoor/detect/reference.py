@@ -23,9 +23,13 @@ only on the clean set, such a row reads as its original label, so the label it c
 4. **Gate** (``min_accuracy``, off by default [OURS]): the reference is only as good as its accuracy. With
    ``min_accuracy`` > 0 the fine-tuned reference learns from 80 % of the clean set (stratified, seeded) and
    is scored on the other 20 % (the frozen one: its 5-fold accuracy); below ``min_accuracy`` it drops
-   nothing (the threshold becomes the highest score). Measured on the development grid
-   (docs/results/reference_dev/): on QNLI, where MiniLM reaches about 70 % from 1,000 rows, the ungated
-   reference dropped 200-250 clean rows per seed after zscore had found every poisoned one.
+   nothing (the threshold becomes the highest score). 0.75 was fixed before its development round.
+
+Measured in train auto on the development grids (docs/results/reference_dev/, two rounds, rules written
+before the runs; neither passed, so it is not among auto's default detectors): on OpenBackdoor's StyleBkd
+SST-2 rows re-tokenised ASR -9.4 ungated, -6.5 gated; on QNLI, where MiniLM reaches about 65-70 % from
+1,000 rows, the ungated reference dropped 200-250 clean rows per seed after zscore had found every
+poisoned one (ASR +7.3 / +7.8); gated, QNLI was untouched but OLID's BadNets rose 1.7 points.
 
 Cannot see a clean-label attack (its rows' labels fit their text) nor a dirty-label row whose
 triggered text the reference also reads as the target.

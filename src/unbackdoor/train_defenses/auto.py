@@ -14,7 +14,10 @@ set. Nothing about the attack. Steps:
    docs/results/auto.md): on OpenBackdoor's StyleBkd SST-2 rows re-tokenised it adds 2–26 rows per
    seed at precision 0.5–0.6, elsewhere 0–3; end to end ASR −5.2 and −3.3 on the style rows
    (re-tokenised, as released), +0.3 on average on BadNets, AddSent and SynBkd (HSOL, QNLI, OLID,
-   SST-2), moves of the size of the retraining's own noise.
+   SST-2), moves of the size of the retraining's own noise. ``reference`` (the rows whose label a copy of
+   the base fine-tuned on the clean set rejects) can be added; it failed both its development rounds
+   (docs/results/reference_dev/: style ASR -9.4 / -6.5, but clean rows lost where the lexical detectors had
+   already found the poison), so it is not a default.
 2. **Choose the rows to drop** after each detector, from its scores alone (``drop``):
    ``calibrated`` [OURS, default]: the rows above the threshold the detector calibrated on the clean
    set, where it gives one (``zscore``: the 99th percentile of the clean rows' scores; ``contrast``:
