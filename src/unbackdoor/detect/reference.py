@@ -68,7 +68,8 @@ class ReferenceConfig(StrictConfig):
                           "this (log-probability); 0: every row the reference labels otherwise")
     min_accuracy: float = Field(0.0, ge=0, le=1, description="gate: drop nothing when the reference's accuracy "
                                 "on held-out clean rows (finetuned: 20 % held out; frozen: 5-fold) is below this; "
-                                "0: no gate (the finetuned reference then learns from every clean row)")
+                                "0: no gate (the finetuned reference then learns from every clean row). It sets the threshold the "
+                                "detector reports (train auto's cut); a rate or threshold given to detect still flags")
     train: TrainConfig | None = Field(None, description=f"model=finetuned: the {TRAIN_DESCRIPTION}")
     feature_batch_size: int = Field(64, ge=1, description="model=frozen: rows per forward pass")
 
