@@ -47,7 +47,7 @@ def test_registered_validated_and_blind_to_flags() -> None:
 
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def poisoned():  # noqa: ANN201
     task = make_task(400, 100, 200)
     return BadNets(BadNetsConfig(poison_rate=0.1)).poison(task)
 
@@ -60,12 +60,14 @@ def test_rejects_the_dirty_label_rows(poisoned, tmp_path: Path, model: str) -> N
         train_classifier(encoder, make_task(400, 50, 10, seed=7).train, TrainConfig(**TINY))
     params = {"model": model, "train": TINY} if model == "finetuned" else {"model": model}
     inputs = DetectInputs(poisoned.train, poisoned.clean.dev, encoder)
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
     detection = build_detector("reference", params).detect(inputs, FlagRule(threshold=1e-9))
     metrics = detection_metrics(detection, poisoned.flags)
     assert metrics["recall"] >= 0.9 and metrics["precision"] >= 0.8 and metrics["auroc"] > 0.95, metrics
     assert detection.report["threshold"] == 0.0 and detection.report["n_rejected"] == len(detection.flagged_ids)
-    # the caller's encoder is left as it was (the fine-tuned reference is a copy)
     assert detection.report["n_clean"] == len(poisoned.clean.dev)
+    # the caller's encoder is left as it was (the fine-tuned reference is a copy)
+    assert all(torch.equal(v, before[k]) for k, v in encoder.model.state_dict().items())
 
 
 def test_gate_drops_nothing_when_the_reference_is_weak(poisoned, tmp_path: Path) -> None:  # noqa: ANN001

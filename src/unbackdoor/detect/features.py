@@ -82,6 +82,9 @@ def standardise(train: torch.Tensor, *others: torch.Tensor) -> tuple[torch.Tenso
     return tuple((x - mean) / scale for x in (train, *others))
 
 
+CLEAN_L2 = (1e-4, 1e-3, 1e-2)  # clean_classifier's penalties (standardised features of norm about 1)
+
+
 def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float,
                 max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor]:
     """A multinomial logistic regression (W, b) fitted to convergence (L-BFGS, float64) with an L2
@@ -101,7 +104,7 @@ def fit_softmax(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2: float,
     return weight.detach().float(), bias.detach().float()
 
 
-def clean_classifier(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2_grid: Sequence[float],
+def clean_classifier(x: torch.Tensor, y: torch.Tensor, num_labels: int, l2_grid: Sequence[float] = CLEAN_L2,
                      folds: int = 5, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """:func:`fit_softmax` on clean features with the penalty of ``l2_grid`` that predicts best out of fold
     (``folds`` seeded folds, ties to the larger penalty); (W, b, the penalty, its out-of-fold accuracy)."""

@@ -54,7 +54,6 @@ from unbackdoor.training.config import TrainConfig, merge_train, victim_train_co
 
 logger = logging.getLogger(__name__)
 
-FROZEN_L2 = (1e-4, 1e-3, 1e-2)  # model=frozen: the penalties tried (standardised features of norm about 1)
 HELD_OUT = 0.2  # min_accuracy > 0, model=finetuned: the share of the clean set held out to measure the reference
 
 
@@ -103,7 +102,7 @@ def _finetuned_log_probs(inputs: DetectInputs, cfg: ReferenceConfig) -> tuple[to
 
 def _frozen_log_probs(inputs: DetectInputs, cfg: ReferenceConfig) -> tuple[torch.Tensor, dict[str, Any]]:
     data = feature_data(inputs, "mean", cfg.feature_batch_size)
-    weight, bias, l2, accuracy = clean_classifier(data.clean_x, data.clean_y, data.num_labels, FROZEN_L2)
+    weight, bias, l2, accuracy = clean_classifier(data.clean_x, data.clean_y, data.num_labels)
     return torch.log_softmax(data.x @ weight.T + bias, dim=1), {
         "trained": f"logistic regression on the frozen {inputs.encoder.source or 'encoder'}'s mean-pooled features "
                    f"of the {len(inputs.clean)} clean rows",
@@ -130,4 +129,4 @@ class ReferenceDetector(Detector[ReferenceConfig]):
                     f"{cfg.min_accuracy}: drops nothing" if gated else "")
         report = {**record, "n_clean": len(inputs.clean), "threshold": threshold, "gated": gated,
                   "n_rejected": rejected, "share_rejected": rejected / max(1, len(scores))}
-        return Scores(scores, report, tiebreak=None)
+        return Scores(scores, report)

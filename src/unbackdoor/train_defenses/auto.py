@@ -105,8 +105,6 @@ from unbackdoor.training.loop import TrainResult, train_classifier
 
 logger = logging.getLogger(__name__)
 
-RELABEL_L2 = (1e-4, 1e-3, 1e-2)  # relabeller=clean: the penalties tried (features of norm about 1)
-
 
 class AutoTrainConfig(StrictConfig):
     """Options of ``auto`` (all [OURS]; defaults chosen on the development grids, see
@@ -370,7 +368,7 @@ def clean_predictions(clf: Classifier, dev: Dataset, rows: list[Example]) -> tup
     the penalty and accuracy, for the record."""
     dev_x, rows_x = representations(clf, dev.examples, "mean"), representations(clf, rows, "mean")
     dev_x, rows_x = standardise(dev_x, rows_x)
-    weight, bias, l2, accuracy = clean_classifier(dev_x, torch.tensor(dev.labels), dev.num_labels, RELABEL_L2)
+    weight, bias, l2, accuracy = clean_classifier(dev_x, torch.tensor(dev.labels), dev.num_labels)
     logger.info("auto: clean relabeller on %d dev rows: L2 %g, 5-fold accuracy %.4f", len(dev), l2, accuracy)
     return (rows_x @ weight.T + bias).argmax(1).tolist(), {"l2": l2, "dev_cv_accuracy": accuracy}
 
