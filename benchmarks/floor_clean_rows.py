@@ -1,6 +1,6 @@
 """The never-poisoned model trained on the clean rows a train defence with ``clean_rows`` adds: the victim recipe on
 a bench run's clean training rows plus the same share of the clean dev set (auto's own split,
-``unbackdoor.train_defenses.auto.clean_split``), the epoch chosen on the rest. Its "ASR" on each attack's triggered
+``unbackdoor.train_defenses.base.clean_split``), the epoch chosen on the rest. Its "ASR" on each attack's triggered
 test set is the floor for a model that also learnt from those clean rows (the bench's floor model did not), so a
 reader can tell a removed backdoor from a better classifier. Prints Markdown: per seed and attack, this model's
 CACC / ASR and the bench floor's.
@@ -34,7 +34,7 @@ def main() -> None:
     from unbackdoor.data.io import load_any
     from unbackdoor.data.sampling import subsample_task
     from unbackdoor.evaluate import evaluate_classifier
-    from unbackdoor.train_defenses.auto import clean_split
+    from unbackdoor.train_defenses.base import clean_split
     from unbackdoor.train_defenses.finetune import load_for_training
     from unbackdoor.training.config import TrainConfig
     from unbackdoor.training.loop import train_classifier

@@ -369,8 +369,9 @@ def test_published_sst2_grid_is_valid(shared_data: Path) -> None:
     original = {"badnets-dirty", "badnets-clean", "addsent", "synbkd", "stylebkd", "ep", ""}
     assert len([c for c in cells if c.defence in first and c.attack in original]) == 270
     # + the field's weight attacks (issue 21): 5 attacks x 3 seeds x (victim, floor, 12 defences) = 645;
-    # + distill and distill-v8 (issue 22) on each of the 11 attacks x 3 seeds
-    assert len(cells) == 711
+    # + distill and distill-v8 (issue 22) on each of the 11 attacks x 3 seeds; + clean-only on the 5 data attacks
+    assert len(cells) == 726
+    assert len([c for c in cells if c.defence == "clean-only"]) == 15
     assert len({c.id for c in cells}) == len(cells)
     for attack in ("ep", "sos", "neuba", "ripples", "por", "lws"):  # weight attacks: purify defences and guards only
         assert {c.kind for c in cells if c.attack == attack} == {"victim", "floor", "purify", "guard"}

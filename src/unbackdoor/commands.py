@@ -165,7 +165,7 @@ class TrainCommand(CommandConfig):
     model: str | None = Field(None, description="base model folder or Hub id (default: all-MiniLM-L6-v2)")
     out: str = Field(description="output model folder")
     defense: str = Field("none", description="training-time defence: none (full fine-tuning), lora, musclelora, "
-                         "reweight, abl, auto")
+                         "reweight, abl, auto, clean-only (never reads the rows: the base on half the clean dev set)")
     defense_params: dict[str, Any] = Field(default_factory=dict, description="defence options, e.g. mslr_scales, "
                                            "reference_size (unbackdoor.train_defenses.musclelora.MuscleLoraConfig)")
     train: TrainConfig | None = Field(None, description="training-loop settings; keys given override the defence's "

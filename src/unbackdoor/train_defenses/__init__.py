@@ -2,7 +2,8 @@
 --defense NAME``), behind the contract of :mod:`.base`.
 
 Importing this package registers every member in :data:`TRAIN_DEFENSES`: ``none`` (:mod:`.finetune`),
-``lora`` and ``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`), ``auto`` (:mod:`.auto`).
+``lora`` and ``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`), ``auto`` (:mod:`.auto`),
+``clean-only`` (:mod:`.clean_only`).
 """
 
 from unbackdoor.train_defenses.abl import AblConfig, AblDefense
@@ -14,6 +15,7 @@ from unbackdoor.train_defenses.base import (
     TrainInputs,
     build_train_defense,
 )
+from unbackdoor.train_defenses.clean_only import CleanOnly, CleanOnlyConfig
 from unbackdoor.train_defenses.finetune import NoDefenseConfig, PlainFinetune
 from unbackdoor.train_defenses.musclelora import LoraOnly, LoraOnlyConfig, MuscleLora, MuscleLoraConfig
 from unbackdoor.train_defenses.reweight import ReweightDefense, ReweightDefenseConfig
@@ -24,6 +26,8 @@ __all__ = [
     "AblDefense",
     "AutoTrain",
     "AutoTrainConfig",
+    "CleanOnly",
+    "CleanOnlyConfig",
     "LoraOnly",
     "LoraOnlyConfig",
     "MuscleLora",

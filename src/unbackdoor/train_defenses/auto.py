@@ -91,14 +91,13 @@ from pydantic import Field, model_validator
 
 from unbackdoor.calibration import calibrate_to_dev
 from unbackdoor.config import StrictConfig
-from unbackdoor.data.sampling import holdout_split
 from unbackdoor.data.types import Dataset, Example
 from unbackdoor.detect.base import DetectInputs, Detector, FlagRule, build_detector, suspicion_order
 from unbackdoor.detect.features import clean_classifier, representations, standardise
 from unbackdoor.inference import predict_logits
 from unbackdoor.models.loading import Classifier
 from unbackdoor.models.surgery import restore_state, snapshot_state
-from unbackdoor.train_defenses.base import TRAIN_DEFENSES, TrainDefense, TrainDefenseResult, TrainInputs
+from unbackdoor.train_defenses.base import TRAIN_DEFENSES, TrainDefense, TrainDefenseResult, TrainInputs, clean_split
 from unbackdoor.training.callbacks import Callback
 from unbackdoor.training.config import TrainConfig, merge_train, victim_train_config
 from unbackdoor.training.loop import TrainResult, train_classifier
@@ -322,14 +321,6 @@ def label_balance(kept: Dataset, dev: Dataset) -> tuple[list[float], dict[str, d
     weights = [p_dev.get(y, 0.0) / p_kept[y] for y in kept.labels]
     mean = sum(weights) / len(weights)
     return [w / mean for w in weights], {"kept": p_kept, "dev": p_dev}
-
-
-def clean_split(dev: Dataset, share: float, seed: int) -> tuple[list[Example], Dataset]:
-    """Step 3a's split: ``share`` of the clean ``dev`` set (stratified, seeded) as training rows, their ids marked
-    so none clashes with a training row's, and the rest, which selects (``benchmarks/floor_clean_rows.py``
-    trains its reference on the same split)."""
-    fit, select = holdout_split(dev, 1 - share, seed)
-    return [dataclasses.replace(e, id=f"clean:{e.id}") for e in fit], select
 
 
 def with_clean_rows(inputs: TrainInputs, share: float, seed: int) -> tuple[TrainInputs, list[Example]]:

@@ -7,19 +7,22 @@ poison flags and triggered sets by type, so no defence can read which rows are b
 
 Registry :data:`TRAIN_DEFENSES`, complete once :mod:`unbackdoor.train_defenses` is imported (its
 ``__init__`` imports every member): ``none`` (plain full fine-tuning, :mod:`.finetune`), ``lora`` and
-``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`).
+``musclelora`` (:mod:`.musclelora`), ``reweight`` (:mod:`.reweight`), ``abl`` (:mod:`.abl`), ``auto`` (:mod:`.auto`),
+``clean-only`` (:mod:`.clean_only`, the baseline that never reads the training rows).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 from unbackdoor.config import StrictConfig, build_config
-from unbackdoor.data.types import Dataset, require_clean_dataset
+from unbackdoor.data.sampling import holdout_split
+from unbackdoor.data.types import Dataset, Example, require_clean_dataset
 from unbackdoor.models.loading import Classifier
 from unbackdoor.registry import Method, Registry
 from unbackdoor.training.callbacks import Callback
@@ -90,3 +93,12 @@ def build_train_defense(name: str, params: dict[str, Any], train: TrainConfig | 
     cls = TRAIN_DEFENSES.get(name)
     values = {**params, "train": {**(params.get("train") or {}), **given_keys(train)}}
     return cls(build_config(cls.config_class, values, f"training defence {name}"))
+
+
+def clean_split(dev: Dataset, share: float, seed: int) -> tuple[list[Example], Dataset]:
+    """``share`` of the clean ``dev`` set (stratified, seeded) as training rows, their ids marked
+    so none clashes with a training row's, and the rest, which selects. ``auto``'s step 3a and ``clean-only``
+    use it, so with the same seed both train on the same clean rows (``benchmarks/floor_clean_rows.py``
+    trains its reference on them too)."""
+    fit, select = holdout_split(dev, 1 - share, seed)
+    return [dataclasses.replace(e, id=f"clean:{e.id}") for e in fit], select
