@@ -491,3 +491,34 @@ def test_retokenised_development_grid_builds_and_validates(shared_data: Path, tm
     for name in sorted(GENERATED):
         cells = expand(load_bench_config(BENCHMARKS / name))
         assert cells and len({c.id for c in cells}) == len(cells)
+
+
+def test_merge_cells_copies_a_side_runs_defence_into_a_grid_without_rebuilding_its_victims(
+        tmp_path: Path, inputs: tuple[Path, Path]) -> None:
+    """benchmarks/merge_cells.py: a defence run in a side grid (same settings and attacks) lands in the grid's
+    store as finished cells; the grid's own cells are untouched and a bench run after it has nothing left to do.
+    A side run whose settings differ is refused, and nothing is written."""
+    grid = write_grid(tmp_path / "grid.yaml", *inputs, defenses=DEFENCES[:1])
+    assert run_bench(grid, tmp_path / "run") == {"done": 4}
+    side = write_grid(tmp_path / "side.yaml", *inputs, name="side", defenses=DEFENCES[1:2])
+    assert run_bench(side, tmp_path / "side") == {"done": 4}
+    grown = write_grid(tmp_path / "grown.yaml", *inputs, defenses=DEFENCES[:2])
+    script = [sys.executable, str(BENCHMARKS / "merge_cells.py")]
+    other = write_grid(tmp_path / "other.yaml", *inputs, name="other", defenses=DEFENCES[1:2],
+                       train={"epochs": 2, "batch_size": 16, "learning_rate": 1.0e-3})
+    assert run_bench(other, tmp_path / "other") == {"done": 4}
+    refused = subprocess.run([*script, str(tmp_path / "other"), str(tmp_path / "run"), str(grown), "--defence", "lora"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "config differs" in refused.stderr
+    store = Store(tmp_path / "run")
+    assert {c["defence"] for c in store.cells()} == {"none", "floor", "floor-model", "finetune"}  # nothing added
+    before = {c["id"]: c for c in store.cells()}
+    subprocess.run([*script, str(tmp_path / "side"), str(tmp_path / "run"), str(grown), "--defence", "lora"],
+                   check=True, capture_output=True, timeout=120)
+    after = {c["id"]: c for c in store.cells()}
+    merged = after.pop("syn/badnets/s0/lora")
+    source = next(c for c in Store(tmp_path / "side").cells() if c["id"] == "syn/badnets/s0/lora")
+    assert merged["status"] == "done" and (merged["cacc"], merged["asr"]) == (source["cacc"], source["asr"])
+    assert all(after[cid] == cell for cid, cell in before.items())
+    assert run_bench(grown, tmp_path / "run") == {"done": 5}
+    assert all(v == ["done"] for v in _attempts_by_cell(store).values())  # no cell ran again

@@ -164,6 +164,32 @@ def test_a_defence_is_held_at_the_floor_within_the_cacc_budget() -> None:
     assert held == {"near": True, "far": False, "costly": False}
     assert held_by(verdicts(rows), rows[0].dataset, rows[0].attack) == "near"
     assert [v.row.defence for v in best_per_attack(rows)] == ["near"]
+    assert all(v.over_baseline is None for v in verdicts(rows))  # no clean-only row: nothing to compare with
+
+
+def test_held_defences_not_above_the_clean_only_baseline_are_marked() -> None:
+    """A held defence whose CACC does not exceed clean-only's (which never reads the training rows) is
+    marked † in the held-by list; the best defence is a held one above clean-only's CACC where there is one,
+    else clean-only itself or a marked one."""
+    from unbackdoor.bench.report import Row, Stat, best_per_attack, held_by, summary_table, verdicts
+
+    def row(defence: str, cacc: float, asr: float) -> Row:
+        return Row("d", "a", defence, {"cacc": Stat.of([cacc]), "asr": Stat.of([asr]),
+                                       "robust_accuracy": Stat.of([]), "macro_f1": Stat.of([])},
+                   Stat.of([1.0]), Stat.of([0.1]), Stat.of([]), {})
+
+    rows = [row("floor", 0.90, 0.10), row("none", 0.80, 1.0), row("clean-only", 0.85, 0.12),
+            row("cheap", 0.84, 0.11), row("good", 0.87, 0.13)]
+    over = {v.row.defence: v.over_baseline for v in verdicts(rows)}
+    assert over["clean-only"] is None and over["cheap"] == pytest.approx(-0.01) and over["good"] == pytest.approx(0.02)
+    assert held_by(verdicts(rows), "d", "a") == "cheap†, clean-only, good"
+    assert [v.row.defence for v in best_per_attack(rows)] == ["good"]  # nearer the floor: cheap†, clean-only
+    table = summary_table(rows)
+    assert "| a | good |" in table and "† marks a defence whose CACC is not above clean-only's" in table
+    only = [r for r in rows if r.defence != "good"]
+    assert [v.row.defence for v in best_per_attack(only)] == ["cheap"]  # no held defence above it: nearest the floor
+    assert "| a | cheap† |" in summary_table(only) and "1 of them by clean-only alone" in summary_table(only)
+    assert "by clean-only alone" not in table
 
 
 def test_one_seed_shows_no_spread(tmp_path: Path) -> None:

@@ -26,6 +26,10 @@ from unbackdoor.evaluate import recorded_clean_to_target
 from unbackdoor.outputs import atomic_output_dir, check_output_free, write_json
 
 VICTIM, FLOOR = "none", "floor"
+#: the train-time baseline that never reads the training rows: a defence whose CACC is not above it gains
+#: nothing from the training data, whatever its ASR (marked in the summary; a line in the plots)
+BASELINE = "clean-only"
+NOT_ABOVE_BASELINE = "†"
 DETECTION_METRICS = ("precision", "recall", "auroc")
 GUARD_METRICS = ("frr", "far", "unguarded_cacc", "unguarded_asr")
 TABLE_HEAD = ("attack", "defence", "CACC %", "ASR %", "clean → target %", "floor ASR %", "RA %", "n")
@@ -264,6 +268,7 @@ class Verdict:
     above_floor: float | None  # ASR − floor ASR
     cacc_cost: float | None  # victim CACC − CACC
     held: bool
+    over_baseline: float | None = None  # CACC − clean-only's CACC (None: no clean-only row, or this is it)
 
 
 def verdicts(rows: Sequence[Row]) -> list[Verdict]:
@@ -280,13 +285,23 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
         cost = None if cacc is None or victim is None or victim.stats["cacc"].mean is None else \
             victim.stats["cacc"].mean - cacc
         held = above is not None and cost is not None and above <= HELD_ASR_MARGIN + 1e-9 and cost <= HELD_CACC_COST + 1e-9
-        out.append(Verdict(r, above, cost, held))
+        out.append(Verdict(r, above, cost, held, _over_baseline(rows, r)))
     return out
+
+
+def _over_baseline(rows: Sequence[Row], r: Row) -> float | None:
+    """``r``'s CACC minus that of its attack's clean-only row (None without one, or for that row itself)."""
+    base = next((x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, BASELINE)), None)
+    if r.defence == BASELINE or base is None or base.stats["cacc"].mean is None or r.stats["cacc"].mean is None:
+        return None
+    return r.stats["cacc"].mean - base.stats["cacc"].mean
 
 
 def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
     """Per (dataset, attack) the best defence: a held one with the least ASR above the floor (then the
-    least CACC cost); else the one nearest the floor among those within the CACC budget; else nearest."""
+    least CACC cost), those with a CACC above clean-only's first (clean-only itself is the fallback: it
+    never reads the training rows); else the one nearest the floor among those within the CACC budget;
+    else nearest."""
     best = []
     found = verdicts(rows)
     for key in dict.fromkeys((r.dataset, r.attack) for r in rows):
@@ -294,7 +309,8 @@ def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
         if not mine:
             continue
         within = [v for v in mine if v.cacc_cost is not None and v.cacc_cost <= HELD_CACC_COST + 1e-9]
-        pool = [v for v in mine if v.held] or within or mine
+        held = [v for v in mine if v.held]
+        pool = [v for v in held if v.over_baseline is not None and v.over_baseline > 1e-9] or held or within or mine
         best.append(min(pool, key=lambda v: (v.above_floor, v.cacc_cost if v.cacc_cost is not None else 1.0)))
     return best
 
@@ -313,22 +329,37 @@ def summary_table(rows: Sequence[Row]) -> str:
         r = v.row
         floor = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, FLOOR))
         victim = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, VICTIM))
-        lines.append(f"| {r.attack} | {r.defence} | {r.stats['asr'].text()} | {floor.stats['asr'].text()} | "
+        lines.append(f"| {r.attack} | {r.defence}{_baseline_mark(v)} | {r.stats['asr'].text()} | {floor.stats['asr'].text()} | "
                      f"{_points(v.above_floor)} | {r.stats['cacc'].text()} | {victim.stats['cacc'].text()} | "
                      f"{_points(v.cacc_cost)} | {'✓' if v.held else '✗'} | {held_by(found, r.dataset, r.attack)} |")
     held = sum(v.held for v in best)
     lines.append("")
-    lines.append(f"Held: {held} of {len(best)} attacks (some defence with ASR ≤ floor + "
+    lines.append(f"Held: {held} of {len(best)} attacks{_baseline_only(best)} (some defence with ASR ≤ floor + "
                  f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points, "
                  "means over seeds).")
+    if any(v.over_baseline is not None for v in found):
+        lines.append(f"{NOT_ABOVE_BASELINE} marks a defence whose CACC is not above {BASELINE}'s, the baseline that "
+                     "never reads the training rows: held or not, the training data gave it nothing.")
     return "\n".join(lines) + "\n"
+
+
+def _baseline_only(best: Sequence[Verdict]) -> str:
+    """``", N by clean-only alone"`` when the best defence of N held attacks is the baseline (or marked †)."""
+    n = sum(v.held and (v.row.defence == BASELINE or bool(_baseline_mark(v))) for v in best)
+    return f", {n} of them by {BASELINE} alone or at no more CACC" if n else ""
 
 
 def held_by(found: Sequence[Verdict], dataset: str, attack: str) -> str:
     """The defences that hold this attack, nearest the floor first ("—" for none)."""
     mine = sorted((v for v in found if (v.row.dataset, v.row.attack) == (dataset, attack) and v.held),
                   key=lambda v: (v.above_floor, v.cacc_cost))
-    return ", ".join(v.row.defence for v in mine) or "—"
+    return ", ".join(v.row.defence + _baseline_mark(v) for v in mine) or "—"
+
+
+
+def _baseline_mark(v: Verdict) -> str:
+    """† when the defence's CACC is not above clean-only's."""
+    return NOT_ABOVE_BASELINE if v.over_baseline is not None and v.over_baseline <= 1e-9 else ""
 
 
 def _points(value: float | None) -> str:
@@ -368,6 +399,10 @@ def _attack_panel(ax: Any, rows: Sequence[Row], attack: str, held: set[tuple[str
             ax.axvspan(left, 100, ymin=0, ymax=(f + 100 * HELD_ASR_MARGIN + 5) / 110, color="green", alpha=0.08)
         ax.plot(100 * floor.stats["cacc"].mean, f, marker="*", markersize=13, color="green", linestyle="none",
                 label="never poisoned")
+    base = next((r for r in rows if r.defence == BASELINE), None)
+    if base is not None and base.stats["cacc"].mean is not None:
+        ax.axvline(100 * base.stats["cacc"].mean, color="grey", linestyle=":", linewidth=1,
+                   label=f"{BASELINE} CACC")
     if victim is not None and victim.stats["asr"].mean is not None:
         ax.plot(100 * victim.stats["cacc"].mean, 100 * victim.stats["asr"].mean, marker="X", markersize=11,
                 color="red", linestyle="none", label="victim")
@@ -462,11 +497,12 @@ def html_summary(rows: Sequence[Row]) -> str:
         return ""
     held = sum(v.held for v in best)
     items = "".join(
-        f"<tr><td>{html.escape(v.row.attack)}</td><td>{html.escape(v.row.defence)}</td>"
+        f"<tr><td>{html.escape(v.row.attack)}</td><td>{html.escape(v.row.defence + _baseline_mark(v))}</td>"
         f'<td class="num" style="background:{_shade(v.above_floor, HELD_ASR_MARGIN)}">{html.escape(_points(v.above_floor))}</td>'
         f'<td class="num" style="background:{_shade(v.cacc_cost, HELD_CACC_COST)}">{html.escape(_points(v.cacc_cost))}</td>'
         f"<td>{'✓' if v.held else '✗'}</td></tr>" for v in best)
-    return (f"<h3>Best defence per attack: held {held} of {len(best)}</h3><p>Held: ASR ≤ floor + "
+    return (f"<h3>Best defence per attack: held {held} of {len(best)}{html.escape(_baseline_only(best))}</h3>"
+            "<p>Held: ASR ≤ floor + "
             f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points "
             "(means over seeds).</p><table class='summary'><thead><tr><th>attack</th><th>best defence</th>"
             "<th>ASR − floor (pts)</th><th>CACC cost (pts)</th><th>held</th></tr></thead>"
