@@ -174,7 +174,7 @@ def test_family_defaults_and_overrides() -> None:
     d = build_train_defense("musclelora", {"train": {"epochs": 4, "learning_rate": 1.0}}, TrainConfig(learning_rate=0.5))
     assert isinstance(d, MuscleLora) and d.config.train is not None
     assert (d.config.train.epochs, d.config.train.learning_rate) == (4, 0.5)
-    assert sorted(TRAIN_DEFENSES.names()) == ["abl", "auto", "lora", "musclelora", "none", "reweight"]
+    assert sorted(TRAIN_DEFENSES.names()) == ["abl", "auto", "clean-only", "lora", "musclelora", "none", "reweight"]
 
 
 # ----------------------------------------------------------------------------- gradient alignment (§6)
