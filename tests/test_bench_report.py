@@ -168,24 +168,25 @@ def test_a_defence_is_held_at_the_floor_within_the_cacc_budget() -> None:
 
 
 def test_held_defences_not_above_the_clean_only_baseline_are_marked() -> None:
-    """A held defence whose CACC does not exceed clean-only's (which never reads the training rows) is
+    """A held train-time defence whose CACC does not exceed clean-only's (which never reads the training rows) is
     marked † in the held-by list; the best defence is a held one above clean-only's CACC where there is one,
     else clean-only itself or a marked one."""
     from unbackdoor.bench.report import Row, Stat, best_per_attack, held_by, summary_table, verdicts
 
-    def row(defence: str, cacc: float, asr: float) -> Row:
+    def row(defence: str, cacc: float, asr: float, kind: str = "train") -> Row:
         return Row("d", "a", defence, {"cacc": Stat.of([cacc]), "asr": Stat.of([asr]),
                                        "robust_accuracy": Stat.of([]), "macro_f1": Stat.of([])},
-                   Stat.of([1.0]), Stat.of([0.1]), Stat.of([]), {})
+                   Stat.of([1.0]), Stat.of([0.1]), Stat.of([]), {}, kind=kind)
 
     rows = [row("floor", 0.90, 0.10), row("none", 0.80, 1.0), row("clean-only", 0.85, 0.12),
             row("cheap", 0.84, 0.11), row("good", 0.87, 0.13)]
-    over = {v.row.defence: v.over_baseline for v in verdicts(rows)}
+    over = {v.row.defence: v.over_baseline for v in verdicts([*rows, row("purified", 0.80, 0.11, "purify")])}
+    assert over["purified"] is None  # another situation (a suspect and fewer clean rows): not compared
     assert over["clean-only"] is None and over["cheap"] == pytest.approx(-0.01) and over["good"] == pytest.approx(0.02)
     assert held_by(verdicts(rows), "d", "a") == "cheap†, clean-only, good"
     assert [v.row.defence for v in best_per_attack(rows)] == ["good"]  # nearer the floor: cheap†, clean-only
     table = summary_table(rows)
-    assert "| a | good |" in table and "† marks a defence whose CACC is not above clean-only's" in table
+    assert "| a | good |" in table and "† marks a train-time defence whose CACC is not above clean-only's" in table
     only = [r for r in rows if r.defence != "good"]
     assert [v.row.defence for v in best_per_attack(only)] == ["cheap"]  # no held defence above it: nearest the floor
     assert "| a | cheap† |" in summary_table(only) and "1 of them by clean-only alone" in summary_table(only)

@@ -73,6 +73,7 @@ class Row:
     lean: Stat  # clean → target: the share of clean non-target test rows predicted as the target
     detection: dict[str, Stat]  # unlearn cells: precision, recall, AUROC of their detect step
     guard: dict[str, Stat] = field(default_factory=dict)  # guard cells: FRR, FAR, the unguarded model's CACC/ASR
+    kind: str = ""  # the cells' kind: train, purify, unlearn, guard, victim, floor
 
     @property
     def n(self) -> int:
@@ -104,7 +105,8 @@ def summarise(cells: Sequence[dict[str, Any]]) -> list[Row]:
                         lean=Stat.of([recorded_clean_to_target(c["metrics"] or {}, target) for c in group]),
                         detection={m: Stat.of([((c["metrics"] or {}).get("detection") or {}).get(m) for c in group])
                                    for m in DETECTION_METRICS},
-                        guard={m: Stat.of([(c["metrics"] or {}).get(m) for c in group]) for m in GUARD_METRICS}))
+                        guard={m: Stat.of([(c["metrics"] or {}).get(m) for c in group]) for m in GUARD_METRICS},
+                        kind=group[0]["kind"]))
     return rows
 
 
@@ -290,18 +292,20 @@ def verdicts(rows: Sequence[Row]) -> list[Verdict]:
 
 
 def _over_baseline(rows: Sequence[Row], r: Row) -> float | None:
-    """``r``'s CACC minus that of its attack's clean-only row (None without one, or for that row itself)."""
+    """``r``'s CACC minus that of its attack's clean-only row, for train-time defences (the same situation: the
+    training rows and the clean dev set; a purify or unlearn defence gets a suspect model and fewer clean rows);
+    None otherwise, without a clean-only row, or for that row itself."""
     base = next((x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, BASELINE)), None)
-    if r.defence == BASELINE or base is None or base.stats["cacc"].mean is None or r.stats["cacc"].mean is None:
+    if r.kind != "train" or r.defence == BASELINE or base is None or base.stats["cacc"].mean is None or r.stats["cacc"].mean is None:
         return None
     return r.stats["cacc"].mean - base.stats["cacc"].mean
 
 
 def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
     """Per (dataset, attack) the best defence: a held one with the least ASR above the floor (then the
-    least CACC cost), those with a CACC above clean-only's first (clean-only itself is the fallback: it
-    never reads the training rows); else the one nearest the floor among those within the CACC budget;
-    else nearest."""
+    least CACC cost), clean-only and the train-time defences not above its CACC (†) only when no other is
+    held (clean-only never reads the training rows); else the one nearest the floor among those within the
+    CACC budget; else nearest."""
     best = []
     found = verdicts(rows)
     for key in dict.fromkeys((r.dataset, r.attack) for r in rows):
@@ -310,7 +314,7 @@ def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
             continue
         within = [v for v in mine if v.cacc_cost is not None and v.cacc_cost <= HELD_CACC_COST + 1e-9]
         held = [v for v in mine if v.held]
-        pool = [v for v in held if v.over_baseline is not None and v.over_baseline > 1e-9] or held or within or mine
+        pool = [v for v in held if v.row.defence != BASELINE and not _baseline_mark(v)] or held or within or mine
         best.append(min(pool, key=lambda v: (v.above_floor, v.cacc_cost if v.cacc_cost is not None else 1.0)))
     return best
 
@@ -338,8 +342,8 @@ def summary_table(rows: Sequence[Row]) -> str:
                  f"{100 * HELD_ASR_MARGIN:.0f} points and CACC ≥ the victim's − {100 * HELD_CACC_COST:.0f} points, "
                  "means over seeds).")
     if any(v.over_baseline is not None for v in found):
-        lines.append(f"{NOT_ABOVE_BASELINE} marks a defence whose CACC is not above {BASELINE}'s, the baseline that "
-                     "never reads the training rows: held or not, the training data gave it nothing.")
+        lines.append(f"{NOT_ABOVE_BASELINE} marks a train-time defence whose CACC is not above {BASELINE}'s, the "
+                     "baseline that never reads the training rows: held or not, the training data gave it nothing.")
     return "\n".join(lines) + "\n"
 
 
