@@ -270,7 +270,7 @@ class Verdict:
     above_floor: float | None  # ASR − floor ASR
     cacc_cost: float | None  # victim CACC − CACC
     held: bool
-    over_baseline: float | None = None  # CACC − clean-only's CACC (None: no clean-only row, or this is it)
+    over_baseline: float | None = None  # CACC − clean-only's (None: not train-time, no clean-only row, or it)
 
 
 def verdicts(rows: Sequence[Row]) -> list[Verdict]:
@@ -296,7 +296,9 @@ def _over_baseline(rows: Sequence[Row], r: Row) -> float | None:
     training rows and the clean dev set; a purify or unlearn defence gets a suspect model and fewer clean rows);
     None otherwise, without a clean-only row, or for that row itself."""
     base = next((x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, BASELINE)), None)
-    if r.kind != "train" or r.defence == BASELINE or base is None or base.stats["cacc"].mean is None or r.stats["cacc"].mean is None:
+    if r.kind != "train" or r.defence == BASELINE or base is None:
+        return None
+    if base.stats["cacc"].mean is None or r.stats["cacc"].mean is None:
         return None
     return r.stats["cacc"].mean - base.stats["cacc"].mean
 
@@ -333,7 +335,8 @@ def summary_table(rows: Sequence[Row]) -> str:
         r = v.row
         floor = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, FLOOR))
         victim = next(x for x in rows if (x.dataset, x.attack, x.defence) == (r.dataset, r.attack, VICTIM))
-        lines.append(f"| {r.attack} | {r.defence}{_baseline_mark(v)} | {r.stats['asr'].text()} | {floor.stats['asr'].text()} | "
+        lines.append(f"| {r.attack} | {r.defence}{_baseline_mark(v)} | {r.stats['asr'].text()} | "
+                     f"{floor.stats['asr'].text()} | "
                      f"{_points(v.above_floor)} | {r.stats['cacc'].text()} | {victim.stats['cacc'].text()} | "
                      f"{_points(v.cacc_cost)} | {'✓' if v.held else '✗'} | {held_by(found, r.dataset, r.attack)} |")
     held = sum(v.held for v in best)
@@ -348,7 +351,7 @@ def summary_table(rows: Sequence[Row]) -> str:
 
 
 def _baseline_only(best: Sequence[Verdict]) -> str:
-    """``", N by clean-only alone"`` when the best defence of N held attacks is the baseline (or marked †)."""
+    """``", N of them by clean-only alone ..."`` when the best defence of N held attacks is clean-only or †."""
     n = sum(v.held and (v.row.defence == BASELINE or bool(_baseline_mark(v))) for v in best)
     return f", {n} of them by {BASELINE} alone or at no more CACC" if n else ""
 
@@ -358,7 +361,6 @@ def held_by(found: Sequence[Verdict], dataset: str, attack: str) -> str:
     mine = sorted((v for v in found if (v.row.dataset, v.row.attack) == (dataset, attack) and v.held),
                   key=lambda v: (v.above_floor, v.cacc_cost))
     return ", ".join(v.row.defence + _baseline_mark(v) for v in mine) or "—"
-
 
 
 def _baseline_mark(v: Verdict) -> str:
