@@ -316,7 +316,7 @@ def best_per_attack(rows: Sequence[Row]) -> list[Verdict]:
             continue
         within = [v for v in mine if v.cacc_cost is not None and v.cacc_cost <= HELD_CACC_COST + 1e-9]
         held = [v for v in mine if v.held]
-        pool = [v for v in held if v.row.defence != BASELINE and not _baseline_mark(v)] or held or within or mine
+        pool = [v for v in held if v.row.defence != BASELINE and not _not_above_baseline(v)] or held or within or mine
         best.append(min(pool, key=lambda v: (v.above_floor, v.cacc_cost if v.cacc_cost is not None else 1.0)))
     return best
 
@@ -352,7 +352,7 @@ def summary_table(rows: Sequence[Row]) -> str:
 
 def _baseline_only(best: Sequence[Verdict]) -> str:
     """``", N of them by clean-only alone ..."`` when the best defence of N held attacks is clean-only or †."""
-    n = sum(v.held and (v.row.defence == BASELINE or bool(_baseline_mark(v))) for v in best)
+    n = sum(v.held and (v.row.defence == BASELINE or _not_above_baseline(v)) for v in best)
     return f", {n} of them by {BASELINE} alone or at no more CACC" if n else ""
 
 
@@ -363,9 +363,13 @@ def held_by(found: Sequence[Verdict], dataset: str, attack: str) -> str:
     return ", ".join(v.row.defence + _baseline_mark(v) for v in mine) or "—"
 
 
+def _not_above_baseline(v: Verdict) -> bool:
+    """A train-time defence whose CACC is not above clean-only's."""
+    return v.over_baseline is not None and v.over_baseline <= 1e-9
+
+
 def _baseline_mark(v: Verdict) -> str:
-    """† when the defence's CACC is not above clean-only's."""
-    return NOT_ABOVE_BASELINE if v.over_baseline is not None and v.over_baseline <= 1e-9 else ""
+    return NOT_ABOVE_BASELINE if _not_above_baseline(v) else ""
 
 
 def _points(value: float | None) -> str:

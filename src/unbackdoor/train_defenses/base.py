@@ -13,9 +13,9 @@ Registry :data:`TRAIN_DEFENSES`, complete once :mod:`unbackdoor.train_defenses` 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
